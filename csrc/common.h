@@ -1,0 +1,38 @@
+// Input validation and memory-layout planning shared by the CPU and CUDA twins, so both
+// backends reject the same inputs with the same messages and agree with the Python fakes.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace gaea {
+
+// Kernels receive the K input pointers by value in their launch arguments.
+constexpr int64_t kMaxK = 64;
+
+inline bool is_float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// float32 arithmetic for half types, float64 for float64 (what at::opmath_type gives).
+inline at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_mixed_op(at::TensorList ys, const at::Tensor& weights);
+
+// The memory format every output takes: the one all ys are already dense in, so
+// channels_last activations are never transposed; plain contiguous otherwise.
+at::MemoryFormat common_format(at::TensorList ys);
+
+// ys rewritten (copied only where needed) to be dense in `fmt`, so kernels can walk
+// every tensor as one flat array in the same element order.
+std::vector<at::Tensor> dense_in(at::TensorList ys, at::MemoryFormat fmt);
+
+// The weights as a contiguous acc-type vector, converted only if they are not already.
+at::Tensor acc_weights(const at::Tensor& weights, at::ScalarType ys_type);
+
+void check_eg_update(at::TensorList params, at::TensorList grads,
+                     const c10::optional<at::Tensor>& lr_tensor, double eps);
+
+}  // namespace gaea

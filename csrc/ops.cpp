@@ -1,0 +1,19 @@
+// Every gaea operator schema, in one place. Kernels register themselves per backend in
+// cpu/*.cpp and cuda/*.cu; fake (meta) kernels and autograd live in gaea_ext/ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(gaea, m) {
+  // out = sum_k weights[k] * ys[k]; the inputs are never stacked.
+  m.def("mixed_op(Tensor[] ys, Tensor weights) -> Tensor");
+  // One pass: grad_ys[k] = weights[k] * grad for k with ys_mask[k] (only those are
+  // returned, in order), grad_weights[k] = sum(grad * ys[k]) accumulated deterministically.
+  m.def(
+      "mixed_op_backward(Tensor grad, Tensor[] ys, Tensor weights, bool[] ys_mask)"
+      " -> (Tensor[], Tensor)");
+  // Exponentiated-gradient step on every row of every param, in place. lr_tensor, when
+  // given, overrides lr and is read on the device (CUDA-graph capturable). Returns the
+  // number of rows left unchanged because their grad (or param) was not finite.
+  m.def(
+      "eg_update_(Tensor(a!)[] params, Tensor[] grads, float lr, Tensor? lr_tensor,"
+      " float eps) -> Tensor");
+}

@@ -1,0 +1,17 @@
+// Backend entry points. CPU and CUDA twins share signatures; ops.cpp owns the schemas.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <tuple>
+#include <vector>
+
+namespace gaea {
+
+at::Tensor mixed_op_cpu(at::TensorList ys, const at::Tensor& weights);
+std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_op_backward_cpu(
+    const at::Tensor& grad, at::TensorList ys, const at::Tensor& weights,
+    const c10::List<bool>& ys_mask);
+at::Tensor eg_update_cpu(at::TensorList params, at::TensorList grads, double lr,
+                         const c10::optional<at::Tensor>& lr_tensor, double eps);
+
+}  // namespace gaea

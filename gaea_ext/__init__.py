@@ -1,0 +1,15 @@
+"""gaea_ext: fused kernels for geometry-aware (exponentiated-gradient) NAS."""
+from gaea_ext._C import build_info as _build_info  # also registers the torch.ops.gaea kernels
+from gaea_ext import reference
+from gaea_ext.ops import eg_update_, mixed_op
+from gaea_ext.optim import ExpGrad
+
+__version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """How the compiled extension was built: cuda (bool), torch, cuda_version, archs."""
+    return dict(_build_info())
+
+
+__all__ = ["mixed_op", "eg_update_", "ExpGrad", "reference", "build_info", "__version__"]

@@ -1,0 +1,74 @@
+"""Pure-PyTorch twins of the fused ops: same signatures, same semantics.
+
+They are the correctness oracle in the tests, the A/B baseline in the benchmarks, and what
+`--no-fused` runs. Arithmetic follows the kernels: float32 for half types, float64 for float64.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["mixed_op", "eg_update_", "eg_update_formula_"]
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def mixed_op(ys: Sequence[Tensor], weights: Tensor) -> Tensor:
+    """sum_k weights[k] * ys[k], evaluated eagerly with autograd."""
+    if len(ys) == 0:
+        raise ValueError("mixed_op: ys is an empty list")
+    if weights.dim() != 1 or weights.shape[0] != len(ys):
+        raise ValueError(f"mixed_op: weights must be 1-D of length {len(ys)}, got {tuple(weights.shape)}")
+    acc = _acc(ys[0].dtype)
+    w = weights.to(acc)
+    out = w[0] * ys[0].to(acc)
+    for k in range(1, len(ys)):
+        out = out + w[k] * ys[k].to(acc)
+    return out.to(ys[0].dtype)
+
+
+@torch.no_grad()
+def eg_update_(
+    params: Sequence[Tensor], grads: Sequence[Tensor], lr: Union[float, Tensor], eps: float = 1e-5
+) -> Tensor:
+    """Overflow-safe exponentiated-gradient step; rows with non-finite grads are skipped.
+
+    Returns the number of skipped rows as a 0-d int64 tensor on the params' device.
+    """
+    skipped = torch.zeros((), dtype=torch.long, device=params[0].device)
+    for p, g in zip(params, grads, strict=True):
+        acc = _acc(p.dtype)
+        step = lr.to(device=p.device, dtype=acc) if isinstance(lr, Tensor) else lr
+        logits = torch.log(p.to(acc)) - step * g.to(acc)
+        if eps > 0:
+            logits = logits.clamp(min=math.log(eps))
+        bad = (
+            ~torch.isfinite(g).all(-1)
+            | torch.isnan(logits).any(-1)
+            | (logits == math.inf).any(-1)
+            | (logits.amax(-1) == -math.inf)
+        )
+        new = torch.softmax(logits, dim=-1).to(p.dtype)
+        p.copy_(torch.where(bad.unsqueeze(-1), p, new))
+        skipped += bad.sum()
+    return skipped
+
+
+@torch.no_grad()
+def eg_update_formula_(
+    params: Sequence[Tensor], grads: Sequence[Tensor], lr: float, eps: float = 1e-5
+) -> None:
+    """The update exactly as written (and as GAEA's release runs it): one tensor at a time.
+
+    Overflows to inf/NaN once |lr * g| is large; kept as the definition to test against and
+    as the per-tensor-loop baseline in bench/.
+    """
+    for p, g in zip(params, grads, strict=True):
+        p.mul_(torch.exp(-lr * g))
+        p.clamp_(min=eps)
+        p.div_(p.sum(dim=-1, keepdim=True))

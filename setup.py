@@ -1,0 +1,76 @@
+"""Builds gaea_ext._C: CPU kernels always, CUDA kernels whenever nvcc and a CUDA torch exist.
+
+The CUDA code is compiled even without a visible GPU so that a broken .cu file fails CI
+on a GPU-less machine. Overrides: GAEA_CPU_ONLY=1, GAEA_FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST.
+"""
+import glob
+import os
+import sys
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0+PTX"
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _want_cuda():
+    if _flag("GAEA_CPU_ONLY"):
+        return False
+    if _flag("GAEA_FORCE_CUDA"):
+        if cpp_extension.CUDA_HOME is None:
+            sys.exit("GAEA_FORCE_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME)")
+        return True
+    return cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
+
+
+def _nvidia_wheel_includes():
+    # torch's CUDA headers include cusparse.h/cublas_v2.h, which a bare toolkit may lack;
+    # torch's own NVIDIA wheels ship them.
+    dirs = []
+    for site in sys.path:
+        for sub in ("cu13", "cu12"):
+            d = os.path.join(site, "nvidia", sub, "include")
+            if os.path.isfile(os.path.join(d, "cusparse.h")) and d not in dirs:
+                dirs.append(d)
+    return dirs
+
+
+def extension():
+    with_cuda = _want_cuda()
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-fvisibility=hidden"]
+    macros = [("GAEA_TORCH_VERSION", '"%s"' % torch.__version__.split("+")[0])]
+    if not with_cuda:
+        return cpp_extension.CppExtension(
+            "gaea_ext._C", sources, extra_compile_args={"cxx": cxx}, define_macros=macros
+        )
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "native")
+    macros += [
+        ("GAEA_WITH_CUDA", None),
+        ("GAEA_CUDA_ARCHS", '"%s"' % archs),
+        ("GAEA_CUDA_VERSION", '"%s"' % torch.version.cuda),
+    ]
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    return cpp_extension.CUDAExtension(
+        "gaea_ext._C",
+        sources,
+        include_dirs=_nvidia_wheel_includes(),
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        define_macros=macros,
+    )
+
+
+setup(
+    packages=find_packages(include=["gaea_ext", "gaea_ext.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
