@@ -19,6 +19,20 @@ def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+def _resolve_cuda_home():
+    # torch guesses CUDA_HOME from nvcc's location, which is wrong when nvcc is a wrapper on
+    # PATH (e.g. /usr/local/bin/nvcc gives /usr/local); prefer a root that has the headers.
+    def ok(d):
+        return d and os.path.isfile(os.path.join(d, "include", "cuda_runtime.h"))
+
+    if ok(cpp_extension.CUDA_HOME):
+        return
+    for d in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if ok(d):
+            cpp_extension.CUDA_HOME = d
+            return
+
+
 def _want_cuda():
     if _flag("GAEA_CPU_ONLY"):
         return False
@@ -42,6 +56,7 @@ def _nvidia_wheel_includes():
 
 
 def extension():
+    _resolve_cuda_home()
     with_cuda = _want_cuda()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fvisibility=hidden"]

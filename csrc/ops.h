@@ -15,3 +15,14 @@ at::Tensor eg_update_cpu(at::TensorList params, at::TensorList grads, double lr,
                          const c10::optional<at::Tensor>& lr_tensor, double eps);
 
 }  // namespace gaea
+
+#ifdef GAEA_WITH_CUDA
+namespace gaea {
+at::Tensor mixed_op_cuda(at::TensorList ys, const at::Tensor& weights);
+std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_op_backward_cuda(
+    const at::Tensor& grad, at::TensorList ys, const at::Tensor& weights,
+    const c10::List<bool>& ys_mask);
+at::Tensor eg_update_cuda(at::TensorList params, at::TensorList grads, double lr,
+                          const c10::optional<at::Tensor>& lr_tensor, double eps);
+}  // namespace gaea
+#endif

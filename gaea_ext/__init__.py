@@ -1,4 +1,6 @@
 """gaea_ext: fused kernels for geometry-aware (exponentiated-gradient) NAS."""
+import torch  # loads libc10/libtorch, which _C links against
+
 from gaea_ext._C import build_info as _build_info  # also registers the torch.ops.gaea kernels
 from gaea_ext import reference
 from gaea_ext.ops import eg_update_, mixed_op

@@ -93,6 +93,11 @@ def eg_update_(
     """
     params: List[Tensor] = list(params)
     grads: List[Tensor] = list(grads)
-    if isinstance(lr, Tensor):
-        return torch.ops.gaea.eg_update_(params, grads, 0.0, lr, float(eps))
-    return torch.ops.gaea.eg_update_(params, grads, float(lr), None, float(eps))
+    if not params:
+        # With a float lr and no tensor at all the dispatcher cannot pick a kernel and raises
+        # its own, unhelpful, error before csrc's check could run.
+        raise RuntimeError("eg_update_: params is an empty list")
+    with torch.no_grad():  # an optimizer step: never recorded by autograd
+        if isinstance(lr, Tensor):
+            return torch.ops.gaea.eg_update_(params, grads, 0.0, lr, float(eps))
+        return torch.ops.gaea.eg_update_(params, grads, float(lr), None, float(eps))

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One prepared GPU check: build with CUDA, run the CUDA tests, run the kernel benchmarks.
+# For a machine with an NVIDIA GPU and torch already installed (no network needed):
+#   bash bench/gpu_check.sh            # writes bench/gpu_results/ (or $OUT when set)
+# Budget: about 5 minutes on an H200 (build ~2-3 min for one arch, tests ~1 min, bench ~1 min).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUTDIR=${OUT:-bench/gpu_results}
+mkdir -p "$OUTDIR"
+PY=${PYTHON:-python}
+export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296}
+# Only the local GPU's arch: a third of the compile time of the portable default list.
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c "import torch;print('%d.%d' % torch.cuda.get_device_capability())")}
+export MAX_JOBS=${MAX_JOBS:-16}
+
+echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ) $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1)"
+echo "== build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
+start=$(date +%s)
+if ! GAEA_FORCE_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -e . > "$OUTDIR/build.log" 2>&1; then
+  tail -40 "$OUTDIR/build.log"; echo "BUILD FAILED"; exit 1
+fi
+echo "built in $(( $(date +%s) - start )) s: $($PY -c 'import gaea_ext;print(gaea_ext.build_info())')"
+
+echo "== CUDA tests"
+$PY -m pytest python_tests -q -x -k "cuda" -p no:cacheprovider --junitxml="$OUTDIR/cuda_tests.xml" 2>&1 | tail -15
+tests_rc=${PIPESTATUS[0]}
+
+echo "== kernel benchmarks"
+$PY bench/kernels.py --device cuda --markdown-out "$OUTDIR/kernels_cuda.md" 2>&1 | tail -40
+
+echo "== summary: cuda tests rc=$tests_rc; tables in $OUTDIR"
+exit "$tests_rc"
