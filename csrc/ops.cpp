@@ -7,9 +7,10 @@ TORCH_LIBRARY(gaea, m) {
   m.def("mixed_op(Tensor[] ys, Tensor weights) -> Tensor");
   // One pass: grad_ys[k] = weights[k] * grad for k with ys_mask[k] (only those are
   // returned, in order), grad_weights[k] = sum(grad * ys[k]) accumulated deterministically.
+  // weights_grad=False skips the K dot products (and reading ys): grad_weights is then zero.
   m.def(
-      "mixed_op_backward(Tensor grad, Tensor[] ys, Tensor weights, bool[] ys_mask)"
-      " -> (Tensor[], Tensor)");
+      "mixed_op_backward(Tensor grad, Tensor[] ys, Tensor weights, bool[] ys_mask,"
+      " bool weights_grad=True) -> (Tensor[], Tensor)");
   // Exponentiated-gradient step on every row of every param, in place. lr_tensor, when
   // given, overrides lr and is read on the device (CUDA-graph capturable). Returns the
   // number of rows left unchanged because their grad (or param) was not finite.

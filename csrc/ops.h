@@ -10,7 +10,7 @@ namespace gaea {
 at::Tensor mixed_op_cpu(at::TensorList ys, const at::Tensor& weights);
 std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_op_backward_cpu(
     const at::Tensor& grad, at::TensorList ys, const at::Tensor& weights,
-    const c10::List<bool>& ys_mask);
+    const c10::List<bool>& ys_mask, bool weights_grad);
 at::Tensor eg_update_cpu(at::TensorList params, at::TensorList grads, double lr,
                          const c10::optional<at::Tensor>& lr_tensor, double eps);
 
@@ -21,7 +21,7 @@ namespace gaea {
 at::Tensor mixed_op_cuda(at::TensorList ys, const at::Tensor& weights);
 std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_op_backward_cuda(
     const at::Tensor& grad, at::TensorList ys, const at::Tensor& weights,
-    const c10::List<bool>& ys_mask);
+    const c10::List<bool>& ys_mask, bool weights_grad);
 at::Tensor eg_update_cuda(at::TensorList params, at::TensorList grads, double lr,
                           const c10::optional<at::Tensor>& lr_tensor, double eps);
 }  // namespace gaea

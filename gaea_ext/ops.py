@@ -40,7 +40,7 @@ def _mixed_op_fake(ys, weights):
 
 
 @torch.library.register_fake("gaea::mixed_op_backward")
-def _mixed_op_backward_fake(grad, ys, weights, ys_mask):
+def _mixed_op_backward_fake(grad, ys, weights, ys_mask, weights_grad=True):
     grad_ys = [_like(ys) for needed in ys_mask if needed]
     return grad_ys, weights.new_empty(len(ys))
 
@@ -59,7 +59,18 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     *ys, weights = ctx.saved_tensors
-    grad_ys, grad_w = torch.ops.gaea.mixed_op_backward(grad, ys, weights, ctx.ys_mask)
+    if torch.is_grad_enabled():
+        # create_graph=True: the fused backward has no derivative of its own, so build this
+        # one from differentiable ops (second derivatives are rare in NAS; exactness matters).
+        acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        w = weights.to(acc)
+        grad_ys = [(w[k] * grad.to(acc)).to(y.dtype) if needed else None
+                   for k, (y, needed) in enumerate(zip(ys, ctx.ys_mask))]
+        grad_w = None
+        if ctx.weights_grad:
+            grad_w = torch.stack([(grad.to(acc) * y.to(acc)).sum() for y in ys]).to(weights.dtype)
+        return grad_ys, grad_w
+    grad_ys, grad_w = torch.ops.gaea.mixed_op_backward(grad, ys, weights, ctx.ys_mask, ctx.weights_grad)
     given = iter(grad_ys)
     grad_ys = [next(given) if needed else None for needed in ctx.ys_mask]
     return grad_ys, (grad_w if ctx.weights_grad else None)

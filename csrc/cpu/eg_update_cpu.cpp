@@ -27,8 +27,9 @@ bool eg_row(scalar_t* p, const scalar_t* g, int64_t L, acc_t lr, acc_t log_eps, 
   for (int64_t i = 0; i < L; ++i) {
     const acc_t gi = static_cast<acc_t>(g[i]);
     if (!std::isfinite(gi)) return false;
-    const acc_t li = std::max(std::log(static_cast<acc_t>(p[i])) - lr * gi, log_eps);
-    if (!(li < inf)) return false;  // NaN or +inf
+    const acc_t raw = std::log(static_cast<acc_t>(p[i])) - lr * gi;
+    if (!(raw < inf)) return false;  // NaN (NaN or negative p) or +inf
+    const acc_t li = std::max(raw, log_eps);
     l[i] = li;
     m = std::max(m, li);
   }

@@ -27,9 +27,14 @@ struct EgRow {
   acc_t log_eps;
   unsigned long long* skipped;
 
+  // Unclamped: a NaN here (NaN or negative p) must reach the caller, and fmax would hide it.
+  __device__ __forceinline__ acc_t raw_logit(const scalar_t* p, const scalar_t* g, int64_t i,
+                                             acc_t step) const {
+    return log(static_cast<acc_t>(p[i])) - step * static_cast<acc_t>(g[i]);
+  }
   __device__ __forceinline__ acc_t logit(const scalar_t* p, const scalar_t* g, int64_t i,
                                          acc_t step) const {
-    return max(log(static_cast<acc_t>(p[i])) - step * static_cast<acc_t>(g[i]), log_eps);
+    return max(raw_logit(p, g, i, step), log_eps);
   }
 
   __device__ void operator()(scalar_t* p, const scalar_t* g, int64_t L, int lane) const {
@@ -38,9 +43,9 @@ struct EgRow {
     bool bad = false;
     acc_t m = -inf;
     for (int64_t i = lane; i < L; i += kWarp) {
-      const acc_t l = logit(p, g, i, step);
-      bad = bad || !isfinite(static_cast<acc_t>(g[i])) || !(l < inf);
-      m = max(m, l);
+      const acc_t raw = raw_logit(p, g, i, step);
+      bad = bad || !isfinite(static_cast<acc_t>(g[i])) || !(raw < inf);  // NaN fails `<`
+      m = max(m, max(raw, log_eps));
     }
     bad = __any_sync(0xffffffffu, bad);
     m = warp_max(m);

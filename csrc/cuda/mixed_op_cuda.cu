@@ -67,8 +67,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t, int K, int V>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const scalar_t* g, Ptrs<const scalar_t> ys, Ptrs<scalar_t> gys, int k_rt,
-                    const at::opmath_type<scalar_t>* w, at::opmath_type<scalar_t>* partials,
-                    int64_t n) {
+                    const at::opmath_type<scalar_t>* w, bool dots,
+                    at::opmath_type<scalar_t>* partials, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int KA = K > 0 ? K : kMaxK;
   const int nk = K > 0 ? K : k_rt;
@@ -90,9 +90,11 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int k = 0; k < KA; ++k) {
       if (K == 0 && k >= nk) break;
-      const auto yk = load_vec<V>(ys.p[k], vi);
+      if (dots) {
+        const auto yk = load_vec<V>(ys.p[k], vi);
 #pragma unroll
-      for (int j = 0; j < V; ++j) dot[k] += gf[j] * static_cast<acc_t>(yk.v[j]);
+        for (int j = 0; j < V; ++j) dot[k] += gf[j] * static_cast<acc_t>(yk.v[j]);
+      }
       if (gys.p[k] != nullptr) {
         Vec<scalar_t, V> o;
 #pragma unroll
@@ -106,10 +108,11 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int k = 0; k < KA; ++k) {  // unrolled so dot[] stays in registers
       if (K == 0 && k >= nk) break;
-      dot[k] += gi * static_cast<acc_t>(ys.p[k][i]);
+      if (dots) dot[k] += gi * static_cast<acc_t>(ys.p[k][i]);
       if (gys.p[k] != nullptr) gys.p[k][i] = static_cast<scalar_t>(ws[k] * gi);
     }
   }
+  if (!dots) return;  // uniform across the grid
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
 #pragma unroll
   for (int k = 0; k < KA; ++k) {
@@ -195,7 +198,7 @@ at::Tensor mixed_op_cuda(at::TensorList ys_in, const at::Tensor& weights) {
 
 std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_op_backward_cuda(
     const at::Tensor& grad_in, at::TensorList ys_in, const at::Tensor& weights,
-    const c10::List<bool>& ys_mask) {
+    const c10::List<bool>& ys_mask, bool weights_grad) {
   check_mixed_op(ys_in, weights);
   const int K = static_cast<int>(ys_in.size());
   TORCH_CHECK(static_cast<int>(ys_mask.size()) == K, "mixed_op_backward: ys_mask has ",
@@ -214,7 +217,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_op_backward_cuda(
     if (ys_mask.get(k)) grad_ys.push_back(at::empty(ys[0].sizes(), opts));
   const int64_t n = grad.numel();
   if (n == 0) return {grad_ys, at::zeros({K}, weights.options())};
-  at::Tensor grad_w = at::empty({K}, w.options());
+  at::Tensor grad_w = weights_grad ? at::empty({K}, w.options()) : at::zeros({K}, w.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "mixed_op_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Ptrs<const scalar_t> yp{};
@@ -229,11 +232,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_op_backward_cuda(
     dispatch_k<scalar_t>(K, aligned, [&](auto kc, auto vc) {
       constexpr int kK = decltype(kc)::value, kV = decltype(vc)::value;
       const int blocks = grid_for(n / kV);
-      at::Tensor partials = at::empty({blocks, K}, w.options());
+      at::Tensor partials = at::empty({weights_grad ? blocks : 0, K}, w.options());
       backward_kernel<scalar_t, kK, kV><<<blocks, kThreads, 0, stream>>>(
-          grad.const_data_ptr<scalar_t>(), yp, gp, K, w.const_data_ptr<acc_t>(),
+          grad.const_data_ptr<scalar_t>(), yp, gp, K, w.const_data_ptr<acc_t>(), weights_grad,
           partials.mutable_data_ptr<acc_t>(), n);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (!weights_grad) return;
       finish_kernel<acc_t><<<K, kThreads, 0, stream>>>(partials.const_data_ptr<acc_t>(), blocks, K,
                                                       grad_w.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
