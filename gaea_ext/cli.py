@@ -1,0 +1,167 @@
+"""`gaea` command line: search, query, plot.
+
+    gaea search                         # GAEA on the embedded digits data, NB201 space, ~1 min on a CPU
+    gaea search --preset paper-cifar10 --data DIR --nb201 TABLE --out RUN_DIR
+    gaea search --resume RUN_DIR
+    gaea query '|nor_conv_3x3~0|+|...|' --nb201 TABLE
+    gaea plot RUN_DIR
+    torchrun --nproc_per_node=P -m gaea_ext search ...   # data parallel
+
+User errors (bad names, missing data, malformed tables, corrupt checkpoints) print one line
+and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+from gaea_ext import data as gdata
+from gaea_ext.benchmarks.nb201 import NB201Table, TableError
+from gaea_ext.search import rundir
+from gaea_ext.search.config import PRESETS, SearchConfig, resolve
+from gaea_ext.search.methods import METHODS
+from gaea_ext.spaces import SPACES
+
+
+class UserError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, status 2, no usage dump
+        sys.stderr.write(f"gaea: error: {message}\n")
+        sys.exit(2)
+
+
+def _search_args(p: argparse.ArgumentParser) -> None:
+    d = SearchConfig()
+    a = p.add_argument
+    a("--preset", choices=sorted(PRESETS), help="a published recipe or the CPU proxy")
+    a("--space", choices=SPACES, help=f"search space (default {d.space})")
+    a("--method", choices=METHODS, help=f"search method (default {d.method})")
+    a("--dataset", choices=gdata.DATASETS, help=f"dataset (default {d.dataset}, embedded)")
+    a("--data", metavar="DIR", help="dataset root (torchvision layout, ImageFolder tree or .tar.gz)")
+    a("--nb201", metavar="PATH", help="NAS-Bench-201 table (CSV or NATS-Bench file) to score the found cells")
+    a("--epochs", type=int)
+    a("--batch-size", type=int)
+    a("--channels", type=int, help="C, the first stage's width")
+    a("--cells", type=int, help="N, cells per stage")
+    a("--resolution", type=int, help="resize images to this side length")
+    a("--train-images", type=int, help="class-balanced subset of the training set")
+    a("--include-none", dest="exclude_none", action="store_const", const=False, help="keep the `none` op")
+    a("--lr", type=float, help="SGD learning rate of the shared weights (cosine schedule)")
+    a("--arch-lr", type=float, help="architecture step size (GAEA: EG lr, DARTS: Adam lr)")
+    a("--arch-eps", type=float, help="GAEA simplex clamp")
+    a("--bilevel", action="store_const", const=True, help="architecture gradient on a held-out half")
+    a("--arch-batch", choices=("independent", "same"), help="minibatch of the architecture gradient")
+    a("--seed", type=int)
+    a("--no-fused", dest="fused", action="store_const", const=False, help="pure-PyTorch reference kernels")
+    a("--device", help="cpu, cuda or auto")
+    a("--out", metavar="RUN_DIR", help="write config, log, checkpoints and result here")
+    a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    a("--stop-after", type=int, metavar="N", help="stop after N more epochs (resume later)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="gaea", description="Geometry-aware NAS with fused kernels")
+    sub = p.add_subparsers(dest="cmd", parser_class=Parser)
+    s = sub.add_parser("search", help="run an architecture search")
+    _search_args(s)
+    q = sub.add_parser("query", help="look an architecture up in the NAS-Bench-201 table")
+    q.add_argument("arch")
+    q.add_argument("--nb201", metavar="PATH", required=True)
+    pl = sub.add_parser("plot", help="write PNG plots of a run")
+    pl.add_argument("run_dir")
+    return p
+
+
+def _config(args) -> tuple[SearchConfig, Optional[str], bool]:
+    """The run's config, its directory, and whether it resumes."""
+    if args.resume:
+        if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
+            raise UserError("--resume continues in its own RUN_DIR; drop --out")
+        saved = rundir.read_json(os.path.join(args.resume, "config.json"))
+        try:
+            cfg = SearchConfig(**saved)
+        except TypeError as e:
+            raise UserError(f"malformed {args.resume}/config.json: {e}") from None
+        cfg.stop_after = args.stop_after
+        return cfg, args.resume, True
+    skip = {"cmd", "preset", "out", "resume"}
+    overrides = {k: v for k, v in vars(args).items() if k not in skip}
+    try:
+        cfg = resolve(args.preset, overrides)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if args.out and os.path.exists(os.path.join(args.out, "checkpoint.pt")):
+        raise UserError(f"{args.out} already holds a run; use --resume {args.out} or another --out")
+    return cfg, args.out, False
+
+
+def cmd_search(args) -> int:
+    from gaea_ext.search import dist
+    from gaea_ext.search.loop import Search
+
+    cfg, out, resuming = _config(args)
+    for name, value in (("epochs", cfg.epochs), ("batch-size", cfg.batch_size), ("channels", cfg.channels),
+                        ("cells", cfg.cells)):
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be >= 1, got {value}")
+    state = rundir.load_checkpoint(os.path.join(out, "checkpoint.pt")) if resuming else None
+    search = Search(cfg, out)
+    try:
+        if search.main and out:
+            os.makedirs(out, exist_ok=True)
+            if not resuming:
+                rundir.write_json(os.path.join(out, "config.json"), cfg.to_dict())
+        if state is not None:
+            search.load_state_dict(state)
+            if search.main:
+                rundir.truncate_log(os.path.join(out, "log.jsonl"), search.epoch)
+                print(f"resuming {out} at epoch {search.epoch}/{cfg.epochs}")
+        result = search.run()
+        if search.main:
+            line = f"genotype {result['genotype']} entropy {result['arch_entropy']:.3f}"
+            if "nb201" in result:
+                line += "".join(f" {k} {v:.2f}" for k, v in result["nb201"].items() if isinstance(v, float))
+            print(line)
+    finally:
+        dist.shutdown()
+    return 0
+
+
+def cmd_query(args) -> int:
+    table = NB201Table.load(args.nb201)
+    print(json.dumps(table.query(args.arch), indent=2))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from gaea_ext.search.plots import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cmd is None:
+        parser.print_help()
+        return 2
+    try:
+        return {"search": cmd_search, "query": cmd_query, "plot": cmd_plot}[args.cmd](args)
+    except (UserError, gdata.DataError, TableError, rundir.RunDirError) as e:
+        sys.stderr.write(f"gaea: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("gaea: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

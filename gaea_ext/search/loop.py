@@ -1,0 +1,241 @@
+"""The search loop: alternate architecture and weight steps, log, checkpoint, resume.
+
+Per step (GAEA's single-level ERM by default): the architecture gradient is taken on an
+independent training minibatch (a held-out split with --bilevel) and applied by the method's
+optimizer, then the shared weights take an SGD step on their own minibatch with the
+architecture fixed. `arch_batch="same"` takes both gradients from one forward/backward.
+"""
+from __future__ import annotations
+
+import os
+import random
+import resource
+import time
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gaea_ext import data as gdata
+from gaea_ext.benchmarks.nb201 import NB201Table, table_dataset
+from gaea_ext.search import dist, rundir
+from gaea_ext.search.config import SearchConfig
+from gaea_ext.search.methods import make_method
+from gaea_ext.search.progress import Progress
+from gaea_ext.spaces import NB201Network
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
+    return torch.device(name)
+
+
+def peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rng_state() -> Dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Search:
+    def __init__(self, cfg: SearchConfig, out: Optional[str] = None, echo=print):
+        self.cfg, self.out, self.echo = cfg, out, echo
+        self.device = pick_device(cfg.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.rank, self.world = dist.init(self.device)
+        self.main = self.rank == 0
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+
+        train = gdata.load(cfg.dataset, cfg.data, "train", resolution=cfg.resolution,
+                           max_images=cfg.train_images, seed=cfg.seed)
+        self.num_classes = train.num_classes
+        w_set, a_set = gdata.split(train, 0.5, cfg.seed) if cfg.bilevel else (train, train)
+        self.valid_set = a_set if cfg.bilevel else None
+        loader = dict(rank=self.rank, world_size=self.world, device=self.device)
+        self.loader_w = gdata.Loader(w_set, cfg.batch_size, train=True, seed=cfg.seed, **loader)
+        # A different seed gives the architecture step its own, independent minibatches.
+        self.loader_a = gdata.Loader(a_set, cfg.batch_size, train=True, seed=cfg.seed + 7919, **loader)
+        self.arch_iter = iter(self.loader_a)
+
+        in_ch = train.images.shape[1]
+        self.model = NB201Network(cfg.channels, cfg.cells, train.num_classes, in_ch,
+                                  cfg.exclude_none, cfg.fused).to(self.device)
+        self.method = make_method(cfg.method, self.model.arch_shape(), arch_lr=cfg.arch_lr,
+                                  arch_eps=cfg.arch_eps, fused=cfg.fused, seed=cfg.seed).to(self.device)
+        dist.broadcast_state(self.model)
+        dist.broadcast_state(self.method)
+        self.w_opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                     weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.w_opt, T_max=cfg.epochs, eta_min=cfg.lr_min)
+        self.table = NB201Table.load(cfg.nb201) if cfg.nb201 else None
+        self.epoch = 0
+
+    # -- state ------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "method": self.method.state_dict(),
+            "arch_opt": self.method.optimizer.state_dict() if self.method.learns else None,
+            "w_opt": self.w_opt.state_dict(),
+            "sched": self.sched.state_dict(),
+            "loader_w": self.loader_w.state_dict(),
+            "loader_a": self.loader_a.state_dict(),
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, s: Dict[str, Any]) -> None:
+        self.epoch = s["epoch"]
+        self.model.load_state_dict(s["model"])
+        self.method.load_state_dict(s["method"])
+        if self.method.learns:
+            self.method.optimizer.load_state_dict(s["arch_opt"])
+        self.w_opt.load_state_dict(s["w_opt"])
+        self.sched.load_state_dict(s["sched"])
+        self.loader_w.load_state_dict(s["loader_w"])
+        self.loader_a.load_state_dict(s["loader_a"])
+        self.arch_iter = iter(self.loader_a)
+        set_rng_state(s["rng"])
+
+    # -- steps ------------------------------------------------------------------------
+    def next_arch_batch(self):
+        try:
+            return next(self.arch_iter)
+        except StopIteration:
+            self.arch_iter = iter(self.loader_a)
+            return next(self.arch_iter)
+
+    def arch_step(self, x, y) -> None:
+        alpha = self.method.alpha
+        loss = F.cross_entropy(self.model(x, self.method.weights()), y)
+        (alpha.grad,) = torch.autograd.grad(loss, [alpha])
+        dist.average_grads([alpha])
+        self.method.optimizer.step()
+
+    def weight_step(self, x, y, arch_too: bool = False):
+        params = list(self.model.parameters())
+        self.w_opt.zero_grad(set_to_none=True)
+        weights = self.method.weights()
+        if arch_too:
+            self.method.alpha.grad = None
+        else:
+            weights = weights.detach()
+        logits = self.model(x, weights)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        dist.average_grads(params + ([self.method.alpha] if arch_too else []))
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        self.w_opt.step()
+        if arch_too:
+            self.method.optimizer.step()
+        return loss.detach(), (logits.argmax(1) == y).sum()
+
+    def train_epoch(self) -> Dict[str, float]:
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen = 0
+        bar = Progress(len(self.loader_w), f"epoch {self.epoch + 1}/{self.cfg.epochs}", self.main)
+        start = time.perf_counter()
+        same = self.cfg.arch_batch == "same" and self.method.learns
+        for x, y in self.loader_w:
+            if self.method.learns and not same:
+                self.arch_step(*self.next_arch_batch())
+            loss, right = self.weight_step(x, y, arch_too=same)
+            loss_sum += loss * len(y)
+            correct += right
+            seen += len(y)
+            bar.update(1, loss=float(loss_sum) / seen if bar.enabled else 0.0,
+                       img_s=self.world * seen / (time.perf_counter() - start))
+        bar.close()
+        secs = time.perf_counter() - start
+        total_loss, total_correct, total_seen = dist.all_reduce_sum(
+            [float(loss_sum), float(correct), float(seen)], self.device)
+        return {"train_loss": total_loss / total_seen, "train_acc": 100.0 * total_correct / total_seen,
+                "seconds": secs, "images_per_s": total_seen / secs}
+
+    @torch.no_grad()
+    def evaluate(self, images) -> float:
+        self.model.eval()
+        loader = gdata.Loader(images, 256, train=False, rank=self.rank, world_size=self.world, device=self.device)
+        right = seen = 0
+        for x, y in loader:
+            right += int((self.model(x, self.method.weights()).argmax(1) == y).sum())
+            seen += len(y)
+        right, seen = dist.all_reduce_sum([right, seen], self.device)
+        return 100.0 * right / max(1, seen)
+
+    # -- the run ----------------------------------------------------------------------
+    def genotype(self) -> str:
+        return self.model.genotype(self.method.weights())
+
+    def lookup(self, genotype: str) -> Optional[Dict[str, Any]]:
+        return self.table.query(genotype) if self.table is not None else None
+
+    def run(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        if self.method.learns:
+            stop = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, self.epoch + cfg.stop_after)
+            while self.epoch < stop:
+                record = self.train_epoch()
+                self.sched.step()
+                self.epoch += 1
+                if self.valid_set is not None:
+                    record["valid_acc"] = self.evaluate(self.valid_set)
+                self.end_epoch(record)
+        return self.finish()
+
+    def end_epoch(self, record: Dict[str, Any]) -> None:
+        genotype = self.genotype()
+        record.update(epoch=self.epoch, genotype=genotype, arch_entropy=self.method.entropy(),
+                      arch_weights=self.method.weights().detach().cpu().tolist(),
+                      lr=self.w_opt.param_groups[0]["lr"], peak_mem_mb=peak_mem_mb(self.device))
+        found = self.lookup(genotype)
+        if found is not None:
+            record["nb201"] = found
+        if self.main:
+            bench = "".join(f" {k} {v:.2f}" for k, v in (found or {}).items() if isinstance(v, float))
+            self.echo(f"epoch {self.epoch}/{self.cfg.epochs} loss {record['train_loss']:.3f} "
+                      f"acc {record['train_acc']:.1f} entropy {record['arch_entropy']:.3f} "
+                      f"{record['images_per_s']:.0f} img/s {genotype}{bench}")
+            if self.out:
+                rundir.append_log(os.path.join(self.out, "log.jsonl"), record)
+                rundir.save_checkpoint(os.path.join(self.out, "checkpoint.pt"), self.state_dict())
+
+    def finish(self) -> Dict[str, Any]:
+        genotype = self.genotype()
+        result = {
+            "space": self.cfg.space, "method": self.cfg.method, "dataset": self.cfg.dataset,
+            "seed": self.cfg.seed, "epochs_done": self.epoch, "complete": self.epoch >= self.cfg.epochs
+            or not self.method.learns, "genotype": genotype, "arch_entropy": self.method.entropy(),
+            "arch_weights": self.method.weights().detach().cpu().tolist(),
+            "op_names": self.model.op_names,
+        }
+        found = self.lookup(genotype)
+        if found is not None:
+            result["nb201"] = found
+        if self.main and self.out:
+            rundir.write_json(os.path.join(self.out, "result.json"), result)
+        return result

@@ -1,0 +1,63 @@
+"""`gaea plot RUN_DIR`: entropy per epoch, architecture weights per edge, benchmark accuracy."""
+from __future__ import annotations
+
+import os
+from typing import List
+
+from gaea_ext.benchmarks.nb201 import EDGES
+from gaea_ext.search import rundir
+
+
+def plot_run(run_dir: str) -> List[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise rundir.RunDirError("gaea plot needs matplotlib: pip install matplotlib") from None
+    log = rundir.read_log(os.path.join(run_dir, "log.jsonl"))
+    if not log:
+        raise rundir.RunDirError(f"{run_dir} has no log.jsonl records to plot")
+    config = rundir.read_json(os.path.join(run_dir, "config.json"))
+    result_path = os.path.join(run_dir, "result.json")
+    op_names = rundir.read_json(result_path)["op_names"] if os.path.exists(result_path) else None
+    epochs = [r["epoch"] for r in log]
+    written = []
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(epochs, [r["arch_entropy"] for r in log], marker="o")
+    ax.set(xlabel="epoch", ylabel="mean edge entropy (nats)", title=f"{config['method']} on {config['dataset']}")
+    written.append(_save(fig, run_dir, "entropy.png"))
+
+    weights = [r["arch_weights"] for r in log]
+    n_edges, n_ops = len(weights[0]), len(weights[0][0])
+    fig, axes = plt.subplots(1, n_edges, figsize=(2.2 * n_edges, 3.2), sharey=True)
+    for e, ax in enumerate(axes if n_edges > 1 else [axes]):
+        grid = [[w[e][o] for w in weights] for o in range(n_ops)]
+        ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest",
+                  extent=(epochs[0] - 0.5, epochs[-1] + 0.5, n_ops - 0.5, -0.5))
+        i, j = EDGES[e] if n_edges == len(EDGES) else (e, "")
+        ax.set(title=f"edge {i}->{j}", xlabel="epoch")
+        ax.set_yticks(range(n_ops))
+        ax.set_yticklabels(op_names or [str(o) for o in range(n_ops)], fontsize=7)
+    written.append(_save(fig, run_dir, "arch_weights.png"))
+
+    if any("nb201" in r for r in log):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        keys = [k for k, v in next(r["nb201"] for r in log if "nb201" in r).items() if isinstance(v, float)]
+        for k in keys:
+            ax.plot([r["epoch"] for r in log if "nb201" in r], [r["nb201"][k] for r in log if "nb201" in r],
+                    marker="o", label=k)
+        ax.set(xlabel="epoch", ylabel="benchmark test accuracy (%)", title="derived cell in NAS-Bench-201")
+        ax.legend()
+        written.append(_save(fig, run_dir, "nb201.png"))
+    return written
+
+
+def _save(fig, run_dir: str, name: str) -> str:
+    path = os.path.join(run_dir, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    fig.clf()
+    return path
