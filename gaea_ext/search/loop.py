@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from gaea_ext import data as gdata
-from gaea_ext.benchmarks.nb201 import NB201Table, table_dataset
+from gaea_ext.benchmarks.nb201 import NB201Table
 from gaea_ext.search import dist, rundir
 from gaea_ext.search.config import SearchConfig
 from gaea_ext.search.methods import make_method
