@@ -54,6 +54,36 @@ at::Tensor acc_weights(const at::Tensor& weights, at::ScalarType ys_type) {
   return weights.to(acc_type(ys_type)).contiguous();
 }
 
+MixedForward prepare_forward(at::TensorList ys_in, const at::Tensor& weights) {
+  check_mixed_op(ys_in, weights);
+  const auto fmt = common_format(ys_in);
+  MixedForward f;
+  f.ys = dense_in(ys_in, fmt);
+  f.w = acc_weights(weights, ys_in[0].scalar_type());
+  f.out = at::empty(ys_in[0].sizes(), ys_in[0].options().memory_format(fmt));
+  return f;
+}
+
+MixedBackward prepare_backward(const at::Tensor& grad, at::TensorList ys_in, const at::Tensor& weights,
+                               const c10::List<bool>& ys_mask) {
+  check_mixed_op(ys_in, weights);
+  const size_t K = ys_in.size();
+  TORCH_CHECK(ys_mask.size() == K, "mixed_op_backward: ys_mask has ", ys_mask.size(),
+              " entries for ", K, " inputs");
+  TORCH_CHECK(grad.sizes() == ys_in[0].sizes() && grad.scalar_type() == ys_in[0].scalar_type() &&
+                  grad.device() == ys_in[0].device(),
+              "mixed_op_backward: grad must match ys in shape, dtype and device");
+  const auto fmt = common_format(ys_in);
+  MixedBackward b;
+  b.ys = dense_in(ys_in, fmt);
+  b.w = acc_weights(weights, ys_in[0].scalar_type());
+  b.grad = grad.contiguous(fmt);
+  const auto opts = ys_in[0].options().memory_format(fmt);
+  for (size_t k = 0; k < K; ++k)
+    if (ys_mask.get(k)) b.grad_ys.push_back(at::empty(ys_in[0].sizes(), opts));
+  return b;
+}
+
 void check_eg_update(at::TensorList params, at::TensorList grads,
                      const c10::optional<at::Tensor>& lr_tensor, double eps) {
   TORCH_CHECK(!params.empty(), "eg_update_: params is an empty list");

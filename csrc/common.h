@@ -32,6 +32,22 @@ std::vector<at::Tensor> dense_in(at::TensorList ys, at::MemoryFormat fmt);
 // The weights as a contiguous acc-type vector, converted only if they are not already.
 at::Tensor acc_weights(const at::Tensor& weights, at::ScalarType ys_type);
 
+// Everything a backend needs before launching: checked inputs made dense in one layout,
+// acc-type weights and freshly allocated outputs in that layout.
+struct MixedForward {
+  std::vector<at::Tensor> ys;
+  at::Tensor w, out;
+};
+MixedForward prepare_forward(at::TensorList ys, const at::Tensor& weights);
+
+struct MixedBackward {
+  std::vector<at::Tensor> ys;
+  at::Tensor w, grad;
+  std::vector<at::Tensor> grad_ys;  // one per true entry of ys_mask, in order
+};
+MixedBackward prepare_backward(const at::Tensor& grad, at::TensorList ys, const at::Tensor& weights,
+                               const c10::List<bool>& ys_mask);
+
 void check_eg_update(at::TensorList params, at::TensorList grads,
                      const c10::optional<at::Tensor>& lr_tensor, double eps);
 

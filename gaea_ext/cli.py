@@ -55,6 +55,7 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     a("--lr", type=float, help="SGD learning rate of the shared weights (cosine schedule)")
     a("--arch-lr", type=float, help="architecture step size (GAEA: EG lr, DARTS: Adam lr)")
     a("--arch-eps", type=float, help="GAEA simplex clamp")
+    a("--arch-warmup", type=int, metavar="EPOCHS", help="train weights only for this many epochs first")
     a("--bilevel", action="store_const", const=True, help="architecture gradient on a held-out half")
     a("--arch-batch", choices=("independent", "same"), help="minibatch of the architecture gradient")
     a("--seed", type=int)

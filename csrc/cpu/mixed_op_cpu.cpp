@@ -192,11 +192,10 @@ void backward(const T* g, const std::vector<const T*>& ys, const at::opmath_type
 }  // namespace
 
 at::Tensor mixed_op_cpu(at::TensorList ys_in, const at::Tensor& weights) {
-  check_mixed_op(ys_in, weights);
-  const auto fmt = common_format(ys_in);
-  const auto ys = dense_in(ys_in, fmt);
-  at::Tensor out = at::empty(ys[0].sizes(), ys[0].options().memory_format(fmt));
-  const at::Tensor w = acc_weights(weights, ys[0].scalar_type());
+  const MixedForward f = prepare_forward(ys_in, weights);
+  const auto& ys = f.ys;
+  const at::Tensor& w = f.w;
+  const at::Tensor& out = f.out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "mixed_op_cpu", [&] {
     std::vector<const scalar_t*> ptrs;
     for (const auto& y : ys) ptrs.push_back(y.const_data_ptr<scalar_t>());
@@ -209,20 +208,12 @@ at::Tensor mixed_op_cpu(at::TensorList ys_in, const at::Tensor& weights) {
 std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_op_backward_cpu(
     const at::Tensor& grad_in, at::TensorList ys_in, const at::Tensor& weights,
     const c10::List<bool>& ys_mask, bool weights_grad) {
-  check_mixed_op(ys_in, weights);
-  const int64_t K = static_cast<int64_t>(ys_in.size());
-  TORCH_CHECK(static_cast<int64_t>(ys_mask.size()) == K, "mixed_op_backward: ys_mask has ",
-              ys_mask.size(), " entries for ", K, " inputs");
-  TORCH_CHECK(grad_in.sizes() == ys_in[0].sizes() && grad_in.scalar_type() == ys_in[0].scalar_type(),
-              "mixed_op_backward: grad must match ys in shape and dtype");
-  const auto fmt = common_format(ys_in);
-  const auto ys = dense_in(ys_in, fmt);
-  const at::Tensor grad = grad_in.contiguous(fmt);
-  const at::Tensor w = acc_weights(weights, ys[0].scalar_type());
-  const auto opts = ys[0].options().memory_format(fmt);
-  std::vector<at::Tensor> grad_ys;
-  for (int64_t k = 0; k < K; ++k)
-    if (ys_mask.get(k)) grad_ys.push_back(at::empty(ys[0].sizes(), opts));
+  const MixedBackward bw = prepare_backward(grad_in, ys_in, weights, ys_mask);
+  const auto& ys = bw.ys;
+  const at::Tensor& w = bw.w;
+  const at::Tensor& grad = bw.grad;
+  const auto& grad_ys = bw.grad_ys;
+  const int64_t K = static_cast<int64_t>(ys.size());
   const int64_t n = grad.numel();
   const int64_t nchunks = (n + kChunk - 1) / kChunk;
   at::Tensor partials = at::empty({nchunks, K}, w.options());

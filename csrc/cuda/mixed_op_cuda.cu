@@ -168,14 +168,13 @@ void dispatch_k(int K, bool aligned, F&& f) {
 }  // namespace
 
 at::Tensor mixed_op_cuda(at::TensorList ys_in, const at::Tensor& weights) {
-  check_mixed_op(ys_in, weights);
-  const c10::cuda::CUDAGuard guard(ys_in[0].device());
-  const auto fmt = common_format(ys_in);
-  const auto ys = dense_in(ys_in, fmt);
-  at::Tensor out = at::empty(ys[0].sizes(), ys[0].options().memory_format(fmt));
+  const c10::cuda::CUDAGuard guard(ys_in.empty() ? weights.device() : ys_in[0].device());
+  const MixedForward f = prepare_forward(ys_in, weights);
+  const auto& ys = f.ys;
+  const at::Tensor& w = f.w;
+  const at::Tensor& out = f.out;
   const int64_t n = out.numel();
   if (n == 0) return out;
-  const at::Tensor w = acc_weights(weights, ys[0].scalar_type());
   const int K = static_cast<int>(ys.size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "mixed_op_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -199,22 +198,13 @@ at::Tensor mixed_op_cuda(at::TensorList ys_in, const at::Tensor& weights) {
 std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_op_backward_cuda(
     const at::Tensor& grad_in, at::TensorList ys_in, const at::Tensor& weights,
     const c10::List<bool>& ys_mask, bool weights_grad) {
-  check_mixed_op(ys_in, weights);
-  const int K = static_cast<int>(ys_in.size());
-  TORCH_CHECK(static_cast<int>(ys_mask.size()) == K, "mixed_op_backward: ys_mask has ",
-              ys_mask.size(), " entries for ", K, " inputs");
-  TORCH_CHECK(grad_in.sizes() == ys_in[0].sizes() && grad_in.scalar_type() == ys_in[0].scalar_type() &&
-                  grad_in.device() == ys_in[0].device(),
-              "mixed_op_backward: grad must match ys in shape, dtype and device");
-  const c10::cuda::CUDAGuard guard(ys_in[0].device());
-  const auto fmt = common_format(ys_in);
-  const auto ys = dense_in(ys_in, fmt);
-  const at::Tensor grad = grad_in.contiguous(fmt);
-  const at::Tensor w = acc_weights(weights, ys[0].scalar_type());
-  const auto opts = ys[0].options().memory_format(fmt);
-  std::vector<at::Tensor> grad_ys;
-  for (int k = 0; k < K; ++k)
-    if (ys_mask.get(k)) grad_ys.push_back(at::empty(ys[0].sizes(), opts));
+  const c10::cuda::CUDAGuard guard(ys_in.empty() ? weights.device() : ys_in[0].device());
+  const MixedBackward bw = prepare_backward(grad_in, ys_in, weights, ys_mask);
+  const auto& ys = bw.ys;
+  const at::Tensor& w = bw.w;
+  const at::Tensor& grad = bw.grad;
+  const auto& grad_ys = bw.grad_ys;
+  const int K = static_cast<int>(ys.size());
   const int64_t n = grad.numel();
   if (n == 0) return {grad_ys, at::zeros({K}, weights.options())};
   at::Tensor grad_w = weights_grad ? at::empty({K}, w.options()) : at::zeros({K}, w.options());

@@ -159,9 +159,10 @@ class Search:
         seen = 0
         bar = Progress(len(self.loader_w), f"epoch {self.epoch + 1}/{self.cfg.epochs}", self.main)
         start = time.perf_counter()
-        same = self.cfg.arch_batch == "same" and self.method.learns
+        arch = self.method.learns and self.epoch >= self.cfg.arch_warmup
+        same = arch and self.cfg.arch_batch == "same"
         for x, y in self.loader_w:
-            if self.method.learns and not same:
+            if arch and not same:
                 self.arch_step(*self.next_arch_batch())
             loss, right = self.weight_step(x, y, arch_too=same)
             loss_sum += loss * len(y)
