@@ -59,11 +59,15 @@ def extension():
     _resolve_cuda_home()
     with_cuda = _want_cuda()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is an inline OpenMP loop; without the flag it silently runs on
+    # one thread. It binds to the libgomp torch already loaded (same soname), not a second one.
+    cxx = ["-O3", "-fvisibility=hidden", "-fopenmp"]
+    link = ["-fopenmp"]
     macros = [("GAEA_TORCH_VERSION", '"%s"' % torch.__version__.split("+")[0])]
     if not with_cuda:
         return cpp_extension.CppExtension(
-            "gaea_ext._C", sources, extra_compile_args={"cxx": cxx}, define_macros=macros
+            "gaea_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link,
+            define_macros=macros,
         )
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
@@ -80,6 +84,7 @@ def extension():
         sources,
         include_dirs=_nvidia_wheel_includes(),
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=link,
         define_macros=macros,
     )
 

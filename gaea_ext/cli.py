@@ -156,7 +156,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         return {"search": cmd_search, "query": cmd_query, "plot": cmd_plot}[args.cmd](args)
-    except (UserError, gdata.DataError, TableError, rundir.RunDirError) as e:
+    except (UserError, gdata.DataError, TableError, rundir.RunDirError, ValueError) as e:
         sys.stderr.write(f"gaea: error: {e}\n")
         return 2
     except KeyboardInterrupt:

@@ -226,7 +226,8 @@ if dist.get_rank() == 0:
     print(json.dumps({"equal": all(torch.equal(gathered[0], g) for g in gathered),
                       "moved": not torch.allclose(w, torch.full_like(w, 0.25)),
                       "world": dist.get_world_size()}))
-dist.destroy_process_group()
+from gaea_ext.search import dist as gdist
+gdist.shutdown()
 """
 
 

@@ -60,4 +60,7 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
 
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
+        # Tear down only after every rank is done talking: a rank that destroys its group while
+        # a peer is still in a collective can abort the peer (gloo: std::terminate).
+        dist.barrier()
         dist.destroy_process_group()
