@@ -242,3 +242,17 @@ def test_two_process_ddp_identical_arch_weights(tmp_path):
     report = json.loads(res.stdout.strip().splitlines()[-1])
     assert report == {"equal": True, "moved": True, "world": 2}
     assert len(log(str(tmp_path / "run"))) == 2  # one writer (rank 0), one line per epoch
+
+
+def test_config_precedence():
+    from gaea_ext.search.config import resolve
+
+    assert resolve(None, {}).preset == "demo" and resolve(None, {}).dataset == "digits"
+    assert resolve(None, {"dataset": "cifar10"}).arch_lr == 0.1  # the paper's EG step
+    paper = resolve("paper-cifar10", {"epochs": 3})
+    assert (paper.cells, paper.channels, paper.epochs, paper.arch_lr) == (5, 16, 3, 0.1)
+    darts = resolve("cpu-proxy", {"method": "darts"})
+    assert darts.arch_lr == 3e-4 and darts.bilevel  # a preset's EG lr is not Adam's lr
+    assert resolve("cpu-proxy", {"method": "darts", "arch_lr": 1e-3}).arch_lr == 1e-3
+    with pytest.raises(ValueError, match="unknown preset"):
+        resolve("nope", {})

@@ -74,12 +74,10 @@ def resolve(preset: Optional[str], overrides: Dict[str, Any]) -> SearchConfig:
         values.update(PRESETS[preset])
     values.update({k: v for k, v in overrides.items() if v is not None})
     cfg = SearchConfig(preset=preset, **values)
-    if cfg.arch_lr is None or (cfg.method != "gaea" and "arch_lr" not in overrides_set(overrides)):
+    explicit = {k for k, v in overrides.items() if v is not None}
+    # A preset's EG step size is GAEA's; other methods keep their own unless asked otherwise.
+    if cfg.arch_lr is None or (cfg.method != "gaea" and "arch_lr" not in explicit):
         cfg.arch_lr = METHOD_ARCH_LR.get(cfg.method, 0.1)
     if cfg.method == "darts":
         cfg.bilevel = True  # DARTS is defined bilevel
     return cfg
-
-
-def overrides_set(overrides: Dict[str, Any]):
-    return {k for k, v in overrides.items() if v is not None}

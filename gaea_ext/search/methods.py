@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import math
 import random as pyrandom
 
 import torch
@@ -82,7 +81,3 @@ def make_method(name: str, shape, *, arch_lr: float, arch_eps: float, fused: boo
     if name == "random":
         return RandomArch(shape, seed=seed)
     raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-
-
-def uniform_entropy(n_ops: int) -> float:
-    return math.log(n_ops)
