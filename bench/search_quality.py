@@ -14,12 +14,13 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from report import emit, machine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared", "data")
@@ -35,11 +36,6 @@ def run_search(method, seed, args, out):
         res = json.load(f)
     return {"method": method, "seed": seed, "genotype": res["genotype"], "cifar10": res["nb201"]["cifar10"],
             "entropy": res["arch_entropy"], "wall_s": wall}
-
-
-def machine():
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    return f"{platform.machine()} {cpu}, {os.cpu_count()} cores"
 
 
 def main():
@@ -82,11 +78,7 @@ def main():
                      f"{statistics.mean(ents):.3f} | {statistics.mean(r['wall_s'] for r in rows if r['method'] == method):.0f} | |")
     lines.append(f"| random arch (space without none, n={base['n']}) | | median {base['median']:.2f}, "
                  f"p90 {base['p90']:.2f}, max {base['max']:.2f} | ln 4 = 1.386 | | |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.markdown_out:
-        with open(args.markdown_out, "a") as f:
-            f.write("\n" + text)
+    emit("\n".join(lines) + "\n", args.markdown_out)
 
 
 if __name__ == "__main__":

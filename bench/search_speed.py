@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +25,7 @@ import torch.nn.functional as F
 
 from gaea_ext.search.methods import GAEA
 from gaea_ext.spaces import NB201Network
+from report import emit, machine
 
 
 def build(fused, args, device):
@@ -105,8 +104,7 @@ def main():
     med = {k: statistics.median(v) for k, v in times.items()}
     ips = {k: args.batch_size / med[k] for k in med}
     what = "CUDA peak MiB per step" if device.type == "cuda" else "saved activations MiB per forward"
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    mach = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu}, {os.cpu_count()} cores"
+    mach = torch.cuda.get_device_name(device) if device.type == "cuda" else machine()
     lines = [
         f"### NB201 search step, C={args.channels} N={args.cells} batch {args.batch_size} "
         f"{args.resolution}x{args.resolution}, {args.device} ({dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC)",
@@ -117,11 +115,7 @@ def main():
         lines.append(f"| {k} | {med[k]:.3f} | {ips[k]:.1f} | {peak[k]:.1f} |")
     lines.append(f"| **fused / no-fused** | | **{ips['fused'] / ips['no-fused']:.2f}x** | "
                  f"**{peak['fused'] / peak['no-fused']:.2f}x** |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.markdown_out:
-        with open(args.markdown_out, "a") as f:
-            f.write("\n" + text)
+    emit("\n".join(lines) + "\n", args.markdown_out)
 
 
 if __name__ == "__main__":
