@@ -1,6 +1,7 @@
 #include "common.h"
 
 namespace gaea {
+namespace {
 
 void check_mixed_op(at::TensorList ys, const at::Tensor& weights) {
   TORCH_CHECK(!ys.empty(), "mixed_op: ys is an empty list; need at least one candidate output");
@@ -29,6 +30,8 @@ void check_mixed_op(at::TensorList ys, const at::Tensor& weights) {
               " but ys are on ", y0.device());
 }
 
+// The one layout all ys are dense in, so channels_last activations are never transposed.
+// gaea_ext/ops.py's fake kernels mirror this choice.
 at::MemoryFormat common_format(at::TensorList ys) {
   const int64_t dim = ys[0].dim();
   at::MemoryFormat candidates[] = {
@@ -53,6 +56,8 @@ std::vector<at::Tensor> dense_in(at::TensorList ys, at::MemoryFormat fmt) {
 at::Tensor acc_weights(const at::Tensor& weights, at::ScalarType ys_type) {
   return weights.to(acc_type(ys_type)).contiguous();
 }
+
+}  // namespace
 
 MixedForward prepare_forward(at::TensorList ys_in, const at::Tensor& weights) {
   check_mixed_op(ys_in, weights);

@@ -19,21 +19,9 @@ inline at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-void check_mixed_op(at::TensorList ys, const at::Tensor& weights);
-
-// The memory format every output takes: the one all ys are already dense in, so
-// channels_last activations are never transposed; plain contiguous otherwise.
-at::MemoryFormat common_format(at::TensorList ys);
-
-// ys rewritten (copied only where needed) to be dense in `fmt`, so kernels can walk
-// every tensor as one flat array in the same element order.
-std::vector<at::Tensor> dense_in(at::TensorList ys, at::MemoryFormat fmt);
-
-// The weights as a contiguous acc-type vector, converted only if they are not already.
-at::Tensor acc_weights(const at::Tensor& weights, at::ScalarType ys_type);
-
-// Everything a backend needs before launching: checked inputs made dense in one layout,
-// acc-type weights and freshly allocated outputs in that layout.
+// Everything a backend needs before launching: checked inputs made dense in one layout
+// (the one all ys already share, e.g. channels_last, else contiguous; copies only where
+// needed), the weights as a contiguous acc-type vector, and outputs in that layout.
 struct MixedForward {
   std::vector<at::Tensor> ys;
   at::Tensor w, out;

@@ -71,8 +71,9 @@ class Search:
                            max_images=cfg.train_images, seed=cfg.seed)
         self.num_classes = train.num_classes
         w_set, a_set = gdata.split(train, 0.5, cfg.seed) if cfg.bilevel else (train, train)
-        self.valid_set = a_set if cfg.bilevel else None
         loader = dict(rank=self.rank, world_size=self.world, device=self.device)
+        # Built once: a Loader uploads its images to the device when it is created.
+        self.loader_valid = gdata.Loader(a_set, 256, train=False, **loader) if cfg.bilevel else None
         self.loader_w = gdata.Loader(w_set, cfg.batch_size, train=True, seed=cfg.seed, **loader)
         # A different seed gives the architecture step its own, independent minibatches.
         self.loader_a = gdata.Loader(a_set, cfg.batch_size, train=True, seed=cfg.seed + 7919, **loader)
@@ -178,14 +179,14 @@ class Search:
                 "seconds": secs, "images_per_s": total_seen / secs}
 
     @torch.no_grad()
-    def evaluate(self, images) -> float:
+    def evaluate(self, loader) -> float:
         self.model.eval()
-        loader = gdata.Loader(images, 256, train=False, rank=self.rank, world_size=self.world, device=self.device)
-        right = seen = 0
+        right = torch.zeros((), device=self.device, dtype=torch.long)  # no host sync per batch
+        seen = 0
         for x, y in loader:
-            right += int((self.model(x, self.method.weights()).argmax(1) == y).sum())
+            right += (self.model(x, self.method.weights()).argmax(1) == y).sum()
             seen += len(y)
-        right, seen = dist.all_reduce_sum([right, seen], self.device)
+        right, seen = dist.all_reduce_sum([float(right), seen], self.device)
         return 100.0 * right / max(1, seen)
 
     # -- the run ----------------------------------------------------------------------
@@ -203,8 +204,8 @@ class Search:
                 record = self.train_epoch()
                 self.sched.step()
                 self.epoch += 1
-                if self.valid_set is not None:
-                    record["valid_acc"] = self.evaluate(self.valid_set)
+                if self.loader_valid is not None:
+                    record["valid_acc"] = self.evaluate(self.loader_valid)
                 self.end_epoch(record)
         return self.finish()
 
