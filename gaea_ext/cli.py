@@ -42,7 +42,7 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     a("--preset", choices=sorted(PRESETS), help="a published recipe or the CPU proxy")
     a("--space", choices=SPACES, help=f"search space (default {d.space})")
     a("--method", choices=METHODS, help=f"search method (default {d.method})")
-    a("--dataset", choices=gdata.DATASETS, help=f"dataset (default {d.dataset}, embedded)")
+    a("--dataset", choices=gdata.DATASETS + gdata.STREAMED, help=f"dataset (default {d.dataset}, embedded)")
     a("--data", metavar="DIR", help="dataset root (torchvision layout, ImageFolder tree or .tar.gz)")
     a("--nb201", metavar="PATH", help="NAS-Bench-201 table (CSV or NATS-Bench file) to score the found cells")
     a("--epochs", type=int)
@@ -51,13 +51,33 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     a("--cells", type=int, help="N, cells per stage")
     a("--resolution", type=int, help="resize images to this side length")
     a("--train-images", type=int, help="class-balanced subset of the training set")
-    a("--include-none", dest="exclude_none", action="store_const", const=False, help="keep the `none` op")
+    a("--include-none", dest="exclude_none", action="store_const", const=False,
+      help="keep the `none` op (default in the darts/pcdarts spaces)")
+    a("--exclude-none", dest="exclude_none", action="store_const", const=True,
+      help="drop the `none` op (default in nb201)")
+    a("--partial", type=int, metavar="K", help="pcdarts: 1/K of the channels through the mixed op (4; ImageNet 2)")
+    a("--stem", choices=("cifar", "imagenet"), help="darts/pcdarts stem (default by dataset)")
     a("--lr", type=float, help="SGD learning rate of the shared weights (cosine schedule)")
+    a("--lr-min", type=float, help="learning rate at the end of the cosine schedule")
+    a("--lr-warmup", type=int, metavar="EPOCHS", help="linear learning-rate warm-up before the cosine")
+    a("--weight-decay", type=float)
     a("--arch-lr", type=float, help="architecture step size (GAEA: EG lr, DARTS: Adam lr)")
     a("--arch-eps", type=float, help="GAEA simplex clamp")
+    a("--edge-lr", type=float, help="GAEA EG step size of the pcdarts edge weights")
+    a("--arch-grad-clip", type=float, help="clip the architecture gradient norm")
+    a("--gdas-kl", type=float, help="gaea-gdas: weight of the KL-to-uniform regularizer")
+    a("--tau-max", type=float, help="gaea-gdas: initial Gumbel-softmax temperature")
+    a("--tau-min", type=float, help="gaea-gdas: temperature at the last epoch")
     a("--arch-warmup", type=int, metavar="EPOCHS", help="train weights only for this many epochs first")
     a("--bilevel", action="store_const", const=True, help="architecture gradient on a held-out half")
     a("--arch-batch", choices=("independent", "same"), help="minibatch of the architecture gradient")
+    a("--valid-fraction", type=float, help="bilevel: share of the training set held out (default 0.5)")
+    a("--subsets", type=float, nargs=2, metavar=("W", "A"),
+      help="per-class random fractions of the training set for the weight and architecture steps")
+    a("--select", choices=("last", "best-valid"), help="which epoch's genotype the run returns")
+    a("--amp", choices=("bf16", "fp16"), help="mixed precision (autocast)")
+    a("--channels-last", action="store_const", const=True, help="NHWC memory layout")
+    a("--workers", type=int, help="decode processes for streamed (ImageNet) data")
     a("--seed", type=int)
     a("--no-fused", dest="fused", action="store_const", const=False, help="pure-PyTorch reference kernels")
     a("--device", help="cpu, cuda or auto")
@@ -104,13 +124,9 @@ def _config(args) -> tuple[SearchConfig, Optional[str], bool]:
 
 def cmd_search(args) -> int:
     from gaea_ext.search import dist
-    from gaea_ext.search.loop import Search
+    from gaea_ext.search.loop import Search, genotype_str
 
     cfg, out, resuming = _config(args)
-    for name, value in (("epochs", cfg.epochs), ("batch-size", cfg.batch_size), ("channels", cfg.channels),
-                        ("cells", cfg.cells)):
-        if value is not None and value < 1:
-            raise UserError(f"--{name} must be >= 1, got {value}")
     state = rundir.load_checkpoint(os.path.join(out, "checkpoint.pt")) if resuming else None
     search = Search(cfg, out)
     try:
@@ -118,6 +134,8 @@ def cmd_search(args) -> int:
             os.makedirs(out, exist_ok=True)
             if not resuming:
                 rundir.write_json(os.path.join(out, "config.json"), cfg.to_dict())
+                if search.manifest is not None:
+                    rundir.write_json(os.path.join(out, "subsets.json"), search.manifest)
         if state is not None:
             search.load_state_dict(state)
             if search.main:
@@ -125,7 +143,7 @@ def cmd_search(args) -> int:
                 print(f"resuming {out} at epoch {search.epoch}/{cfg.epochs}")
         result = search.run()
         if search.main:
-            line = f"genotype {result['genotype']} entropy {result['arch_entropy']:.3f}"
+            line = f"genotype {genotype_str(result['genotype'])} entropy {result['arch_entropy']:.3f}"
             if "nb201" in result:
                 line += "".join(f" {k} {v:.2f}" for k, v in result["nb201"].items() if isinstance(v, float))
             print(line)

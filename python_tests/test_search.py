@@ -82,17 +82,16 @@ def test_fused_and_reference_paths_agree():
     for fused in (True, False):
         torch.manual_seed(1)
         model = NB201Network(4, 1, 10, 3, exclude_none=True, fused=fused).double()
-        method = GAEA(model.arch_shape(), lr=0.5, fused=fused)
-        method.alpha.data = method.alpha.data.double()
+        method = GAEA(model.arch_spec(), lr=0.5, fused=fused).double()
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         for step in range(6):
             loss = torch.nn.functional.cross_entropy(model(x[step], method.weights()), y[step])
             opt.zero_grad()
-            method.alpha.grad = None
+            method.zero_grad()
             loss.backward()
             opt.step()
             method.optimizer.step()
-        finals.append(method.alpha.detach().clone())
+        finals.append(method.arch["cell"].detach().clone())
     assert not torch.allclose(finals[0], torch.full_like(finals[0], 0.25))
     torch.testing.assert_close(finals[0], finals[1], rtol=1e-10, atol=1e-12)
 
@@ -121,7 +120,7 @@ def test_random_method(tmp_path, capsys):
     out = str(tmp_path / "r")
     assert run(["--method", "random", "--seed", "5", "--out", out]) == 0
     w = torch.tensor(result(out)["arch_weights"])
-    assert torch.equal(w.sum(-1), torch.ones(6)) and set(w.unique().tolist()) <= {0.0, 1.0}
+    assert torch.allclose(w.sum(-1), torch.ones(6)) and bool((w.max(-1).values >= 0.5).all())
 
 
 @needs_table
@@ -219,7 +218,7 @@ cfg = resolve(None, dict(epochs=2, channels=4, cells=1, batch_size=32, seed=1, d
 os.makedirs(sys.argv[1], exist_ok=True)
 s = Search(cfg, sys.argv[1], echo=lambda *a: None)
 s.run()
-w = s.method.weights().detach().contiguous()
+w = s.method.weights()["cell"].detach().contiguous()
 gathered = [torch.empty_like(w) for _ in range(dist.get_world_size())]
 dist.all_gather(gathered, w)
 if dist.get_rank() == 0:

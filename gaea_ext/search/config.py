@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
+
+from gaea_ext.search.methods import METHOD_ARCH_LR
 
 
 @dataclass
@@ -20,20 +22,34 @@ class SearchConfig:
     epochs: int = 10
     batch_size: int = 64
     channels: int = 8
-    cells: int = 1
+    cells: int = 1  # nb201: cells per stage; darts/pcdarts: cells in all
     resolution: Optional[int] = None
     train_images: Optional[int] = None
-    exclude_none: bool = True
+    exclude_none: Optional[bool] = None  # None: the space's default (nb201 drops `none`, darts keeps it)
+    partial: Optional[int] = None  # pcdarts: 1/K of the channels through the mixed op (None: 4, ImageNet 2)
+    stem: Optional[str] = None  # "cifar" or "imagenet" (3 stride-2 convs); None: by dataset
     lr: float = 0.025
     lr_min: float = 0.001
+    lr_warmup: int = 0  # epochs of linear learning-rate warm-up before the cosine schedule
     momentum: float = 0.9
     weight_decay: float = 3e-4
     grad_clip: float = 5.0
     arch_lr: Optional[float] = None  # None: the method's own default (GAEA 0.1, DARTS 3e-4)
     arch_eps: float = 1e-5
+    edge_lr: float = 0.1  # GAEA's EG step on PC-DARTS edge weights (no clamp)
+    arch_grad_clip: Optional[float] = None  # clip the architecture gradient's norm
+    gdas_kl: float = 0.01  # gaea-gdas: weight of KL(theta || uniform)
+    tau_max: float = 10.0  # gaea-gdas: Gumbel-softmax temperature, annealed linearly ...
+    tau_min: float = 0.1  # ... reaching tau_min at the last epoch
     arch_warmup: int = 0  # epochs of weight-only training before architecture steps begin
     bilevel: bool = False
     arch_batch: str = "independent"  # or "same": one forward/backward gives both gradients
+    valid_fraction: float = 0.5  # bilevel: share of the training set held out for the architecture
+    subsets: Optional[List[float]] = None  # per-class fractions (weights, architecture), e.g. ImageNet
+    select: str = "last"  # or "best-valid": return the genotype of the best validation epoch
+    amp: Optional[str] = None  # "bf16" or "fp16" autocast
+    channels_last: bool = False
+    workers: int = 4  # decode processes for streamed (ImageNet) data
     seed: int = 0
     fused: bool = True
     device: str = "auto"
@@ -48,6 +64,11 @@ class SearchConfig:
 PAPER = dict(epochs=25, batch_size=64, channels=16, cells=5, lr=0.025, lr_min=0.001,
              weight_decay=3e-4, arch_lr=0.1, exclude_none=True)
 
+# GAEA PC-DARTS (Li et al. 2021, following Xu et al. 2020's PC-DARTS recipes).
+PCDARTS_CIFAR = dict(space="pcdarts", dataset="cifar10", bilevel=True, valid_fraction=0.5, epochs=50,
+                     batch_size=256, channels=16, cells=8, partial=4, lr=0.1, lr_min=0.0, momentum=0.9,
+                     weight_decay=3e-4, grad_clip=5.0, arch_lr=0.1, edge_lr=0.1, select="best-valid")
+
 PRESETS: Dict[str, Dict[str, Any]] = {
     # `gaea search` with no preset on the embedded digits: a one-minute CPU demo. Its horizon is
     # short, so, like cpu-proxy, it takes a larger mirror-descent step than the paper's 0.1.
@@ -60,9 +81,13 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # beat 2.0 over 8 (bench/RESULTS.md has the calibration).
     "cpu-proxy": dict(dataset="cifar10", channels=8, cells=1, resolution=16, train_images=10000,
                       epochs=10, batch_size=64, arch_lr=1.5, exclude_none=True),
+    "paper-pcdarts-cifar10": PCDARTS_CIFAR,
+    # ImageNet: 10 % / 2.5 % per-class subsets for weights / architecture, 224 px, 3-conv stem.
+    "paper-pcdarts-imagenet": dict(PCDARTS_CIFAR, dataset="imagenet", resolution=224, stem="imagenet", partial=2,
+                                   subsets=[0.1, 0.025], batch_size=1024, lr=0.5, lr_warmup=5, weight_decay=3e-4,
+                                   arch_grad_clip=5.0, arch_warmup=35, select="last"),
 }
 
-METHOD_ARCH_LR = {"gaea": 0.1, "darts": 3e-4, "random": 0.0}
 
 
 def resolve(preset: Optional[str], overrides: Dict[str, Any]) -> SearchConfig:
@@ -79,6 +104,41 @@ def resolve(preset: Optional[str], overrides: Dict[str, Any]) -> SearchConfig:
     # A preset's EG step size is GAEA's; other methods keep their own unless asked otherwise.
     if cfg.arch_lr is None or (cfg.method != "gaea" and "arch_lr" not in explicit):
         cfg.arch_lr = METHOD_ARCH_LR.get(cfg.method, 0.1)
-    if cfg.method == "darts":
-        cfg.bilevel = True  # DARTS is defined bilevel
+    if cfg.method == "pcdarts":
+        if "space" in explicit and cfg.space != "pcdarts":
+            raise ValueError(f"method pcdarts searches the pcdarts space, not {cfg.space}")
+        cfg.space = "pcdarts"
+    if cfg.method in ("darts", "pcdarts", "gaea-gdas"):
+        cfg.bilevel = True  # defined bilevel
+    if cfg.exclude_none is None:
+        cfg.exclude_none = cfg.space == "nb201"
+    if cfg.stem is None:
+        cfg.stem = "imagenet" if cfg.dataset == "imagenet" else "cifar"
+    if cfg.partial is None:
+        cfg.partial = (2 if cfg.dataset == "imagenet" else 4) if cfg.space == "pcdarts" else 1
+    if cfg.space != "nb201" and cfg.preset in (None, "demo"):
+        # NB201's stage sizes mean nothing here: the DARTS supernet (16 channels, 8 cells), or a
+        # small one (8, 5) for the embedded demo data.
+        demo = cfg.preset == "demo"
+        cfg.cells = cfg.cells if "cells" in explicit else (5 if demo else 8)
+        cfg.channels = cfg.channels if "channels" in explicit else (8 if demo else 16)
+    validate(cfg)
     return cfg
+
+
+def validate(cfg: SearchConfig) -> None:
+    """Values no run can use: ValueError, which the CLI prints as one line."""
+    for name in ("epochs", "batch_size", "channels", "cells", "partial"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if not 0.0 < cfg.valid_fraction < 1.0:
+        raise ValueError(f"--valid-fraction must lie in (0, 1), got {cfg.valid_fraction}")
+    if cfg.subsets is not None:
+        if len(cfg.subsets) != 2 or not all(0.0 < f <= 1.0 for f in cfg.subsets) or sum(cfg.subsets) > 1.0:
+            raise ValueError(f"--subsets takes two per-class fractions in (0, 1] summing to <= 1, got {cfg.subsets}")
+    if cfg.amp not in (None, "bf16", "fp16"):
+        raise ValueError(f"--amp must be bf16 or fp16, got {cfg.amp!r}")
+    if cfg.select not in ("last", "best-valid"):
+        raise ValueError(f"--select must be last or best-valid, got {cfg.select!r}")
+    if cfg.select == "best-valid" and not cfg.bilevel and cfg.subsets is None:
+        raise ValueError("--select best-valid needs a validation split (--bilevel)")

@@ -7,6 +7,7 @@ architecture fixed. `arch_batch="same"` takes both gradients from one forward/ba
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 import resource
@@ -17,13 +18,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gaea_ext import data as gdata
 from gaea_ext.benchmarks.nb201 import NB201Table
+from gaea_ext.precision import Precision
+from gaea_ext.search import data as search_data
 from gaea_ext.search import dist, rundir
 from gaea_ext.search.config import SearchConfig
 from gaea_ext.search.methods import make_method
 from gaea_ext.search.progress import Progress
-from gaea_ext.spaces import NB201Network
+from gaea_ext.spaces import build_network, genotypes
 
 
 def pick_device(name: str) -> torch.device:
@@ -67,29 +69,28 @@ class Search:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
 
-        train = gdata.load(cfg.dataset, cfg.data, "train", resolution=cfg.resolution,
-                           max_images=cfg.train_images, seed=cfg.seed)
-        self.num_classes = train.num_classes
-        w_set, a_set = gdata.split(train, 0.5, cfg.seed) if cfg.bilevel else (train, train)
-        loader = dict(rank=self.rank, world_size=self.world, device=self.device)
-        # Built once: a Loader uploads its images to the device when it is created.
-        self.loader_valid = gdata.Loader(a_set, 256, train=False, **loader) if cfg.bilevel else None
-        self.loader_w = gdata.Loader(w_set, cfg.batch_size, train=True, seed=cfg.seed, **loader)
-        # A different seed gives the architecture step its own, independent minibatches.
-        self.loader_a = gdata.Loader(a_set, cfg.batch_size, train=True, seed=cfg.seed + 7919, **loader)
+        data = search_data.build(cfg, self.rank, self.world, self.device)
+        self.num_classes = data.num_classes
+        self.loader_w, self.loader_a, self.loader_valid = data.weights, data.arch, data.valid
+        self.manifest = data.manifest
         self.arch_iter = iter(self.loader_a)
 
-        in_ch = train.images.shape[1]
-        self.model = NB201Network(cfg.channels, cfg.cells, train.num_classes, in_ch,
-                                  cfg.exclude_none, cfg.fused).to(self.device)
-        self.method = make_method(cfg.method, self.model.arch_shape(), arch_lr=cfg.arch_lr,
-                                  arch_eps=cfg.arch_eps, fused=cfg.fused, seed=cfg.seed).to(self.device)
+        self.model = build_network(cfg.space, channels=cfg.channels, cells=cfg.cells, num_classes=data.num_classes,
+                                   in_channels=data.in_channels, exclude_none=cfg.exclude_none, fused=cfg.fused,
+                                   partial=cfg.partial, stem=cfg.stem).to(self.device)
+        self.method = make_method(cfg.method, self.model.arch_spec(), arch_lr=cfg.arch_lr, arch_eps=cfg.arch_eps,
+                                  fused=cfg.fused, seed=cfg.seed, edge_lr=cfg.edge_lr, gdas_kl=cfg.gdas_kl,
+                                  tau=(cfg.tau_max, cfg.tau_min)).to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         dist.broadcast_state(self.model)
         dist.broadcast_state(self.method)
         self.w_opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                      weight_decay=cfg.weight_decay)
-        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.w_opt, T_max=cfg.epochs, eta_min=cfg.lr_min)
-        self.table = NB201Table.load(cfg.nb201) if cfg.nb201 else None
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.w_opt, lr_factor(cfg))
+        self.prec = Precision(cfg.amp, self.device, cfg.channels_last)
+        self.table = NB201Table.load(cfg.nb201) if cfg.nb201 and cfg.space == "nb201" else None
+        self.best: Optional[Dict[str, Any]] = None  # best validation epoch, for select="best-valid"
         self.epoch = 0
 
     # -- state ------------------------------------------------------------------------
@@ -105,6 +106,8 @@ class Search:
             "loader_w": self.loader_w.state_dict(),
             "loader_a": self.loader_a.state_dict(),
             "rng": rng_state(),
+            "best": self.best,
+            "scaler": self.prec.state_dict(),
         }
 
     def load_state_dict(self, s: Dict[str, Any]) -> None:
@@ -118,6 +121,8 @@ class Search:
         self.loader_w.load_state_dict(s["loader_w"])
         self.loader_a.load_state_dict(s["loader_a"])
         self.arch_iter = iter(self.loader_a)
+        self.best = s.get("best")
+        self.prec.load_state_dict(s.get("scaler"))
         set_rng_state(s["rng"])
 
     # -- steps ------------------------------------------------------------------------
@@ -129,32 +134,48 @@ class Search:
             return next(self.arch_iter)
 
     def arch_step(self, x, y) -> None:
-        alpha = self.method.alpha
-        loss = F.cross_entropy(self.model(x, self.method.weights()), y)
-        (alpha.grad,) = torch.autograd.grad(loss, [alpha])
-        dist.average_grads([alpha])
+        params = self.method.params()
+        with self.prec.autocast():
+            loss = F.cross_entropy(self.model(self.prec.layout(x), self.method.weights()), y)
+        reg = self.method.regularizer()
+        if reg is not None:
+            loss = loss + reg
+        grads = self.prec.grad(loss, params)
+        if grads is None:  # fp16 overflow: skip this architecture step
+            return
+        for p, g in zip(params, grads):
+            p.grad = g
+        dist.average_grads(params)
+        if self.cfg.arch_grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.arch_grad_clip)
         self.method.optimizer.step()
 
     def weight_step(self, x, y, arch_too: bool = False):
         params = list(self.model.parameters())
+        arch_params = self.method.params() if arch_too else []
         self.w_opt.zero_grad(set_to_none=True)
         weights = self.method.weights()
         if arch_too:
-            self.method.alpha.grad = None
+            for p in arch_params:
+                p.grad = None
         else:
             weights = weights.detach()
-        logits = self.model(x, weights)
-        loss = F.cross_entropy(logits, y)
-        loss.backward()
-        dist.average_grads(params + ([self.method.alpha] if arch_too else []))
+        with self.prec.autocast():
+            logits = self.model(self.prec.layout(x), weights)
+            loss = F.cross_entropy(logits, y)
+        self.prec.backward(loss)
+        dist.average_grads(params + arch_params)
+        self.prec.unscale(self.w_opt)
         torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-        self.w_opt.step()
+        self.prec.step(self.w_opt)
         if arch_too:
             self.method.optimizer.step()
-        return loss.detach(), (logits.argmax(1) == y).sum()
+        return loss.detach().float(), (logits.argmax(1) == y).sum()
 
     def train_epoch(self) -> Dict[str, float]:
         self.model.train()
+        self.method.train()
+        self.method.set_epoch(self.epoch, self.cfg.epochs)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen = 0
@@ -181,19 +202,25 @@ class Search:
     @torch.no_grad()
     def evaluate(self, loader) -> float:
         self.model.eval()
+        self.method.eval()
         right = torch.zeros((), device=self.device, dtype=torch.long)  # no host sync per batch
         seen = 0
+        weights = self.method.weights()
         for x, y in loader:
-            right += (self.model(x, self.method.weights()).argmax(1) == y).sum()
+            with self.prec.autocast():
+                right += (self.model(self.prec.layout(x), weights).argmax(1) == y).sum()
             seen += len(y)
         right, seen = dist.all_reduce_sum([float(right), seen], self.device)
         return 100.0 * right / max(1, seen)
 
     # -- the run ----------------------------------------------------------------------
-    def genotype(self) -> str:
-        return self.model.genotype(self.method.weights())
+    def genotype(self):
+        """The derived cell: NB201's architecture string, or a DARTS Genotype as JSON."""
+        self.method.eval()
+        g = self.model.genotype(self.method.weights())
+        return g if isinstance(g, str) else genotypes.to_json(g)
 
-    def lookup(self, genotype: str) -> Optional[Dict[str, Any]]:
+    def lookup(self, genotype) -> Optional[Dict[str, Any]]:
         return self.table.query(genotype) if self.table is not None else None
 
     def run(self) -> Dict[str, Any]:
@@ -212,32 +239,60 @@ class Search:
     def end_epoch(self, record: Dict[str, Any]) -> None:
         genotype = self.genotype()
         record.update(epoch=self.epoch, genotype=genotype, arch_entropy=self.method.entropy(),
-                      arch_weights=self.method.weights().detach().cpu().tolist(),
-                      lr=self.w_opt.param_groups[0]["lr"], peak_mem_mb=peak_mem_mb(self.device))
+                      arch_weights=self.method.to_json(), lr=self.w_opt.param_groups[0]["lr"],
+                      peak_mem_mb=peak_mem_mb(self.device))
+        if "valid_acc" in record and (self.best is None or record["valid_acc"] > self.best["valid_acc"]):
+            self.best = {"epoch": self.epoch, "valid_acc": record["valid_acc"], "genotype": genotype}
         found = self.lookup(genotype)
         if found is not None:
             record["nb201"] = found
         if self.main:
             bench = "".join(f" {k} {v:.2f}" for k, v in (found or {}).items() if isinstance(v, float))
+            valid = f" valid {record['valid_acc']:.1f}" if "valid_acc" in record else ""
             self.echo(f"epoch {self.epoch}/{self.cfg.epochs} loss {record['train_loss']:.3f} "
-                      f"acc {record['train_acc']:.1f} entropy {record['arch_entropy']:.3f} "
-                      f"{record['images_per_s']:.0f} img/s {genotype}{bench}")
+                      f"acc {record['train_acc']:.1f}{valid} entropy {record['arch_entropy']:.3f} "
+                      f"{record['images_per_s']:.0f} img/s {genotype_str(genotype)}{bench}")
             if self.out:
                 rundir.append_log(os.path.join(self.out, "log.jsonl"), record)
                 rundir.save_checkpoint(os.path.join(self.out, "checkpoint.pt"), self.state_dict())
 
     def finish(self) -> Dict[str, Any]:
-        genotype = self.genotype()
+        final = self.genotype()
+        chosen = final
+        if self.cfg.select == "best-valid" and self.best is not None:
+            chosen = self.best["genotype"]
         result = {
             "space": self.cfg.space, "method": self.cfg.method, "dataset": self.cfg.dataset,
             "seed": self.cfg.seed, "epochs_done": self.epoch, "complete": self.epoch >= self.cfg.epochs
-            or not self.method.learns, "genotype": genotype, "arch_entropy": self.method.entropy(),
-            "arch_weights": self.method.weights().detach().cpu().tolist(),
-            "op_names": self.model.op_names,
+            or not self.method.learns, "genotype": chosen, "final_genotype": final, "select": self.cfg.select,
+            "best_valid": self.best, "arch_entropy": self.method.entropy(),
+            "arch_weights": self.method.to_json(), "op_names": self.model.op_names,
         }
-        found = self.lookup(genotype)
+        found = self.lookup(chosen)
         if found is not None:
             result["nb201"] = found
         if self.main and self.out:
             rundir.write_json(os.path.join(self.out, "result.json"), result)
         return result
+
+
+def genotype_str(g) -> str:
+    """One line: NB201's string as is; a DARTS genotype as normal/reduce op@input lists."""
+    if isinstance(g, str):
+        return g
+    cell = lambda pairs: " ".join(f"{op}@{j}" for op, j in pairs)  # noqa: E731
+    return f"normal[{cell(g['normal'])}] reduce[{cell(g['reduce'])}]"
+
+
+def lr_factor(cfg: SearchConfig):
+    """Linear warm-up over cfg.lr_warmup epochs, then cosine from lr to lr_min (per epoch)."""
+    floor = cfg.lr_min / cfg.lr if cfg.lr > 0 else 0.0
+    span = max(1, cfg.epochs - cfg.lr_warmup)
+
+    def factor(epoch: int) -> float:
+        if epoch < cfg.lr_warmup:
+            return (epoch + 1) / cfg.lr_warmup
+        t = min(epoch - cfg.lr_warmup, span) / span
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return factor

@@ -1,6 +1,20 @@
 """Search spaces: weight-sharing supernets whose cells mix candidate ops with fused kernels."""
+from gaea_ext.spaces.darts import DartsNetwork
 from gaea_ext.spaces.nb201 import NB201Network
 
-SPACES = ("nb201",)
+SPACES = ("nb201", "darts", "pcdarts")
 
-__all__ = ["NB201Network", "SPACES"]
+
+def build_network(space: str, *, channels: int, cells: int, num_classes: int, in_channels: int,
+                  exclude_none: bool, fused: bool, partial: int = 4, stem: str = "cifar"):
+    """The supernet of ``space``. nb201: ``cells`` per stage; darts/pcdarts: ``cells`` in all."""
+    if space == "nb201":
+        return NB201Network(channels, cells, num_classes, in_channels, exclude_none, fused)
+    if space in ("darts", "pcdarts"):
+        pc = space == "pcdarts"
+        return DartsNetwork(channels, cells, num_classes, in_channels, exclude_none=exclude_none, fused=fused,
+                            partial=partial if pc else 1, edge_weights=pc, stem=stem)
+    raise ValueError(f"unknown space {space!r}; choose from {', '.join(SPACES)}")
+
+
+__all__ = ["DartsNetwork", "NB201Network", "SPACES", "build_network"]

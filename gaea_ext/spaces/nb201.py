@@ -14,7 +14,15 @@ import torch
 from torch import nn
 
 from gaea_ext.benchmarks.nb201 import EDGES, OPS, arch_str
+from gaea_ext.spaces.arch import ArchParam
 from gaea_ext.spaces.mixed import MixedOp
+
+
+def _table(arch):
+    """(weights [6, ops], hard choices or None) from ArchWeights or a bare tensor."""
+    if isinstance(arch, torch.Tensor):
+        return arch, None
+    return arch["cell"], arch.index("cell")
 
 
 class ReLUConvBN(nn.Sequential):
@@ -55,10 +63,11 @@ class SearchCell(nn.Module):
         build = candidate_builders(c)
         self.edges = nn.ModuleList(MixedOp(op_names, build, fused) for _ in EDGES)
 
-    def forward(self, x, weights):
+    def forward(self, x, weights, hard=None):
         nodes = [x]
         for j in range(1, 4):
-            nodes.append(sum(self.edges[e](nodes[i], weights[e]) for e, (i, t) in enumerate(EDGES) if t == j))
+            nodes.append(sum(self.edges[e](nodes[i], weights[e], None if hard is None else hard[e])
+                             for e, (i, t) in enumerate(EDGES) if t == j))
         return nodes[3]
 
 
@@ -84,15 +93,20 @@ class NB201Network(nn.Module):
     def arch_shape(self):
         return (self.num_edges, len(self.op_names))
 
-    def forward(self, x: torch.Tensor, arch_weights: torch.Tensor) -> torch.Tensor:
-        """arch_weights: [6, n_ops] mixing weights (rows on the simplex), shared by all cells."""
+    def arch_spec(self):
+        return [ArchParam("cell", self.arch_shape())]
+
+    def forward(self, x: torch.Tensor, arch) -> torch.Tensor:
+        """arch: ArchWeights with a [6, n_ops] "cell" table (rows on the simplex) shared by all
+        cells, or that table as a tensor."""
+        weights, hard = _table(arch)
         x = self.stem(x)
         for layer in self.layers:
-            x = layer(x, arch_weights) if isinstance(layer, SearchCell) else layer(x)
+            x = layer(x, weights, hard) if isinstance(layer, SearchCell) else layer(x)
         x = self.pool(self.head(x)).flatten(1)
         return self.classifier(x)
 
-    def genotype(self, arch_weights: torch.Tensor) -> str:
+    def genotype(self, arch) -> str:
         """Argmax op per edge, as the benchmark's architecture string."""
-        best = arch_weights.detach().argmax(dim=-1).tolist()
+        best = _table(arch)[0].detach().argmax(dim=-1).tolist()
         return arch_str([self.op_names[i] for i in best])

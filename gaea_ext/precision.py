@@ -1,0 +1,66 @@
+"""Mixed precision for the search and training loops: autocast, loss scaling, memory layout.
+
+bf16 needs no loss scaling (same exponent range as fp32). fp16 scales the weight loss with
+torch's GradScaler; the architecture gradient is scaled by the same factor and a step with a
+non-finite architecture gradient is skipped (the scaler adjusts on the next weight step).
+The fused kernels take half types, so the mixed ops run in the autocast dtype.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import List, Optional, Sequence
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Precision:
+    def __init__(self, amp: Optional[str], device: torch.device, channels_last: bool = False):
+        if amp is not None and amp not in DTYPES:
+            raise ValueError(f"amp must be one of {', '.join(DTYPES)}, got {amp!r}")
+        self.amp, self.device = amp, device
+        self.dtype = DTYPES.get(amp)
+        self.channels_last = channels_last
+        fp16 = amp == "fp16"
+        self.scaler = torch.amp.GradScaler(device.type, enabled=fp16) if fp16 else None
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def unscale(self, opt) -> None:
+        if self.scaler:
+            self.scaler.unscale_(opt)
+
+    def step(self, opt) -> None:
+        if self.scaler:
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            opt.step()
+
+    def grad(self, loss: torch.Tensor, params: Sequence[torch.Tensor]) -> Optional[List[torch.Tensor]]:
+        """Unscaled gradients of loss (None-safe), or None when fp16 overflowed."""
+        scale = self.scaler.get_scale() if self.scaler else 1.0
+        grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        if scale != 1.0:
+            grads = [g / scale for g in grads]
+            if not all(bool(torch.isfinite(g).all()) for g in grads):
+                return None
+        return grads
+
+    def state_dict(self):
+        return self.scaler.state_dict() if self.scaler else None
+
+    def load_state_dict(self, state) -> None:
+        if self.scaler and state:
+            self.scaler.load_state_dict(state)
