@@ -255,3 +255,13 @@ def test_imagenet_preset_streams_subsets_and_records_them(tmp_path):
     assert records[0]["lr"] == pytest.approx(0.5)  # warm-up epoch 1 of 1 ends at the base lr
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert (cfg["stem"], cfg["partial"], cfg["arch_grad_clip"]) == ("imagenet", 2, 5.0)
+
+
+def test_plot_darts_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = str(tmp_path / "p")
+    assert main(["search", *TINY, "--space", "pcdarts", "--epochs", "1", "--out", out]) == 0
+    assert main(["plot", out]) == 0
+    for name in ("entropy.png", "arch_weights_normal.png", "arch_weights_reduce.png"):
+        with open(os.path.join(out, name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"

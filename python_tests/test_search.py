@@ -214,28 +214,33 @@ DDP_SCRIPT = r"""
 import json, os, sys, torch, torch.distributed as dist
 from gaea_ext.search.config import resolve
 from gaea_ext.search.loop import Search
-cfg = resolve(None, dict(epochs=2, channels=4, cells=1, batch_size=32, seed=1, device="cpu"))
+space = sys.argv[2]
+cells = 1 if space == "nb201" else 3
+cfg = resolve(None, dict(epochs=2, channels=4, cells=cells, batch_size=32, seed=1, device="cpu", space=space,
+                         train_images=256))
 os.makedirs(sys.argv[1], exist_ok=True)
 s = Search(cfg, sys.argv[1], echo=lambda *a: None)
 s.run()
-w = s.method.weights()["cell"].detach().contiguous()
+w = torch.cat([p.detach().flatten() for p in s.method.params()])
+init = torch.cat([torch.full(p.shape, 1.0 / p.shape[-1]).flatten() for p in s.method.params()])  # uniform start
 gathered = [torch.empty_like(w) for _ in range(dist.get_world_size())]
 dist.all_gather(gathered, w)
 if dist.get_rank() == 0:
     print(json.dumps({"equal": all(torch.equal(gathered[0], g) for g in gathered),
-                      "moved": not torch.allclose(w, torch.full_like(w, 0.25)),
+                      "moved": not torch.allclose(w, init),
                       "world": dist.get_world_size()}))
 from gaea_ext.search import dist as gdist
 gdist.shutdown()
 """
 
 
-def test_two_process_ddp_identical_arch_weights(tmp_path):
+@pytest.mark.parametrize("space", ["nb201", "pcdarts"])
+def test_two_process_ddp_identical_arch_weights(tmp_path, space):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node=2", str(script), str(tmp_path / "run")],
+                          "--nproc_per_node=2", str(script), str(tmp_path / "run"), space],
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])

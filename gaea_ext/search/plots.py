@@ -30,18 +30,20 @@ def plot_run(run_dir: str) -> List[str]:
     ax.set(xlabel="epoch", ylabel="mean edge entropy (nats)", title=f"{config['method']} on {config['dataset']}")
     written.append(_save(fig, run_dir, "entropy.png"))
 
-    weights = [r["arch_weights"] for r in log]
-    n_edges, n_ops = len(weights[0]), len(weights[0][0])
-    fig, axes = plt.subplots(1, n_edges, figsize=(2.2 * n_edges, 3.2), sharey=True)
-    for e, ax in enumerate(axes if n_edges > 1 else [axes]):
-        grid = [[w[e][o] for w in weights] for o in range(n_ops)]
-        ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest",
-                  extent=(epochs[0] - 0.5, epochs[-1] + 0.5, n_ops - 0.5, -0.5))
-        i, j = EDGES[e] if n_edges == len(EDGES) else (e, "")
-        ax.set(title=f"edge {i}->{j}", xlabel="epoch")
-        ax.set_yticks(range(n_ops))
-        ax.set_yticklabels(op_names or [str(o) for o in range(n_ops)], fontsize=7)
-    written.append(_save(fig, run_dir, "arch_weights.png"))
+    tables = _tables([r["arch_weights"] for r in log])
+    for name, weights in tables.items():
+        n_edges, n_ops = len(weights[0]), len(weights[0][0])
+        fig, axes = plt.subplots(1, n_edges, figsize=(2.2 * n_edges, 3.2), sharey=True, squeeze=False)
+        for e, ax in enumerate(axes[0]):
+            grid = [[w[e][o] for w in weights] for o in range(n_ops)]
+            ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest",
+                      extent=(epochs[0] - 0.5, epochs[-1] + 0.5, n_ops - 0.5, -0.5))
+            i, j = EDGES[e] if n_edges == len(EDGES) else (e, "")
+            ax.set(title=f"edge {i}->{j}" if j != "" else f"edge {e}", xlabel="epoch")
+            ax.set_yticks(range(n_ops))
+            ax.set_yticklabels(op_names or [str(o) for o in range(n_ops)], fontsize=7)
+        suffix = "" if name == "cell" else f"_{name}"
+        written.append(_save(fig, run_dir, f"arch_weights{suffix}.png"))
 
     if any("nb201" in r for r in log):
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -53,6 +55,15 @@ def plot_run(run_dir: str) -> List[str]:
         ax.legend()
         written.append(_save(fig, run_dir, "nb201.png"))
     return written
+
+
+def _tables(weights: list) -> dict:
+    """Op-weight tables per epoch by name: NB201 logs one table, DARTS spaces a dict of them
+    (op tables normal/reduce; PC-DARTS edge rows are not plotted)."""
+    if isinstance(weights[0], dict):
+        names = [k for k in ("normal", "reduce") if k in weights[0]]
+        return {k: [w[k] for w in weights] for k in names}
+    return {"cell": weights}
 
 
 def _save(fig, run_dir: str, name: str) -> str:
