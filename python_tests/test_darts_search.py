@@ -3,6 +3,7 @@ genotype derivation, and `gaea search --space darts|pcdarts` end to end on tiny 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -265,3 +266,38 @@ def test_plot_darts_run(tmp_path):
     for name in ("entropy.png", "arch_weights_normal.png", "arch_weights_reduce.png"):
         with open(os.path.join(out, name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pcdarts_cifar_preset_family_on_small_data(tmp_path):
+    out = str(tmp_path / "run")
+    args = ["search", "--preset", "paper-pcdarts-cifar10", "--dataset", "digits", *TINY, "--out", out]
+    assert main(args) == 0
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert (cfg["space"], cfg["bilevel"], cfg["select"], cfg["lr"], cfg["partial"]) == ("pcdarts", True, "best-valid",
+                                                                                        0.1, 4)
+    assert result(out)["best_valid"] is not None
+
+
+SHARED_JPEG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
+                           "cifar10-jpeg.tar.gz")
+
+
+@pytest.mark.skipif(not os.path.exists(SHARED_JPEG), reason="../shared/data/cifar10-jpeg.tar.gz not present")
+def test_imagenet_layout_search_at_224_on_the_shared_jpeg_tree(tmp_path):
+    out = str(tmp_path / "run")
+    args = ["search", "--preset", "paper-pcdarts-imagenet", "--data", SHARED_JPEG, "--epochs", "1",
+            "--batch-size", "8", "--channels", "4", "--cells", "3", "--subsets", "0.002", "0.001",
+            "--arch-warmup", "0", "--lr-warmup", "0", "--workers", "2", "--out", out]
+    assert main(args) == 0
+    manifest = json.load(open(os.path.join(out, "subsets.json")))
+    assert len(manifest["subsets"]["weights"]) == 100 and len(manifest["subsets"]["arch"]) == 50
+    assert json.load(open(os.path.join(out, "config.json")))["resolution"] == 224
+    assert log(out)[0]["arch_entropy"] < math.log(8) - 1e-6  # the architecture moved off uniform
+
+
+def test_empty_image_folder_exits_2(tmp_path, capsys):
+    for split in ("train", "val"):
+        (tmp_path / "tree" / split / "a").mkdir(parents=True)
+    assert main(["search", "--dataset", "imagenet", "--data", str(tmp_path / "tree"), "--space", "pcdarts"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tree" in err[0], err
