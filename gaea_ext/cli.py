@@ -1,8 +1,11 @@
-"""`gaea` command line: search, query, plot.
+"""`gaea` command line: search, train, query, plot.
 
     gaea search                         # GAEA on the embedded digits data, NB201 space, ~1 min on a CPU
     gaea search --preset paper-cifar10 --data DIR --nb201 TABLE --out RUN_DIR
     gaea search --resume RUN_DIR
+    gaea search --preset paper-pcdarts-cifar10 --data DIR --out RUN_DIR
+    gaea train --genotype RUN_DIR/result.json --preset paper-cifar10 --data DIR --out TRAIN_DIR
+    gaea train --genotype DARTS_V2 --summary
     gaea query '|nor_conv_3x3~0|+|...|' --nb201 TABLE
     gaea plot RUN_DIR
     torchrun --nproc_per_node=P -m gaea_ext search ...   # data parallel
@@ -24,6 +27,7 @@ from gaea_ext.search import rundir
 from gaea_ext.search.config import PRESETS, SearchConfig, resolve
 from gaea_ext.search.methods import METHODS
 from gaea_ext.spaces import SPACES
+from gaea_ext.train.cli import add_train_parser, cmd_train
 
 
 class UserError(Exception):
@@ -94,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("query", help="look an architecture up in the NAS-Bench-201 table")
     q.add_argument("arch")
     q.add_argument("--nb201", metavar="PATH", required=True)
+    add_train_parser(sub)
     pl = sub.add_parser("plot", help="write PNG plots of a run")
     pl.add_argument("run_dir")
     return p
@@ -173,7 +178,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"search": cmd_search, "query": cmd_query, "plot": cmd_plot}[args.cmd](args)
+        return {"search": cmd_search, "train": cmd_train, "query": cmd_query, "plot": cmd_plot}[args.cmd](args)
     except (UserError, gdata.DataError, TableError, rundir.RunDirError, ValueError) as e:
         sys.stderr.write(f"gaea: error: {e}\n")
         return 2

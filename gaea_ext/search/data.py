@@ -30,8 +30,12 @@ def build(cfg: SearchConfig, rank: int, world: int, device) -> SearchData:
         return _streamed(cfg, rank, world, device)
     train = gdata.load(cfg.dataset, cfg.data, "train", resolution=cfg.resolution,
                        max_images=cfg.train_images, seed=cfg.seed)
+    manifest = None
     if cfg.subsets is not None:
-        w_set, a_set = (train.subset(i) for i in gdata.class_subsets(train.labels, cfg.subsets, cfg.seed))
+        subsets = gdata.class_subsets(train.labels, cfg.subsets, cfg.seed)
+        w_set, a_set = (train.subset(i) for i in subsets)
+        manifest = {"dataset": cfg.dataset, "split": "train", "num_images": len(train),
+                    "subsets": {"weights": subsets[0].tolist(), "arch": subsets[1].tolist()}}  # image indices
     elif cfg.bilevel:
         w_set, a_set = gdata.split(train, 1.0 - cfg.valid_fraction, cfg.seed)
     else:
@@ -44,7 +48,7 @@ def build(cfg: SearchConfig, rank: int, world: int, device) -> SearchData:
         weights=gdata.Loader(w_set, cfg.batch_size, train=True, seed=cfg.seed, **common),
         arch=gdata.Loader(a_set, cfg.batch_size, train=True, seed=cfg.seed + 7919, **common),
         valid=gdata.Loader(a_set, 256, train=False, **common) if held_out else None,
-        num_classes=train.num_classes, in_channels=train.images.shape[1])
+        num_classes=train.num_classes, in_channels=train.images.shape[1], manifest=manifest)
 
 
 def _streamed(cfg: SearchConfig, rank: int, world: int, device) -> SearchData:

@@ -1,0 +1,269 @@
+"""The training loop: SGD on a fixed cell, per-epoch test evaluation, log, checkpoint, resume.
+
+Per step, as in DARTS' cnn/train.py: cutout on the (normalized) batch, forward with drop path
+on the cells' non-identity edges, cross-entropy (label-smoothed if asked) plus the weighted
+auxiliary loss, gradients averaged across ranks with one flattened all-reduce, clipped, SGD.
+The learning rate and drop-path probability are functions of the epoch (config.lr_at,
+config.drop_path_at), so a checkpoint needs no scheduler state. Every random draw is either
+from the global torch RNG (init, drop path; saved in checkpoints) or from a generator seeded
+by (seed, epoch, rank, batch) (data order, crops, cutout), so resuming is exact on CPU.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+import warnings
+from contextlib import nullcontext
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gaea_ext import data as gdata
+from gaea_ext.data.seeding import generator
+from gaea_ext.search import dist, rundir
+from gaea_ext.search.loop import peak_mem_mb, pick_device, rng_state, set_rng_state
+from gaea_ext.search.progress import Progress
+from gaea_ext.spaces import genotypes
+from gaea_ext.train.config import TrainConfig, TrainError, check, drop_path_at, lr_at
+from gaea_ext.train.network import NetworkCIFAR, NetworkImageNet, param_count_m
+
+
+def build_network(cfg: TrainConfig, genotype, num_classes: int, in_channels: int) -> torch.nn.Module:
+    cls = NetworkImageNet if cfg.dataset == "imagenet" else NetworkCIFAR
+    return cls(cfg.channels, num_classes, cfg.layers, cfg.auxiliary_weight > 0, genotype, in_channels)
+
+
+def genotype_of(cfg: TrainConfig):
+    """The config's cell: the stored JSON when present (resume), else loaded from the spec."""
+    if cfg.genotype_json is not None:
+        return genotypes.from_json(cfg.genotype_json)
+    if not cfg.genotype:
+        raise TrainError("--genotype is required (a built-in name such as DARTS_V2, or a JSON file)")
+    return genotypes.load(cfg.genotype)
+
+
+def make_loaders(cfg: TrainConfig, rank: int, world: int, device: torch.device):
+    """(train loader, test loader, classes, input channels). In-memory Loaders, except for
+    ImageNet, which is streamed from disk (gaea_ext.data.stream, imported only when needed)."""
+    if cfg.dataset == "imagenet":
+        try:
+            from gaea_ext.data.folder_index import open_folder
+            from gaea_ext.data.sampling import balanced_indices
+            from gaea_ext.data.stream import PCDARTS_JITTER, StreamLoader
+        except ImportError:
+            raise TrainError("dataset imagenet needs gaea_ext.data.stream, which this build lacks") from None
+        if cfg.data is None:
+            raise TrainError("dataset imagenet needs --data DIR holding train/ and val/ (ImageFolder trees)")
+        train_index = open_folder(cfg.data, "train")
+        test_index = open_folder(train_index.source, "val")  # reuses an opened archive
+        if cfg.train_images is not None:
+            train_index = train_index.subset(balanced_indices(train_index.labels, train_index.num_classes,
+                                                              cfg.train_images, cfg.seed))
+        common = dict(resolution=cfg.resolution or 224, seed=cfg.seed, rank=rank, world_size=world,
+                      device=device, workers=cfg.workers)
+        # DARTS/PC-DARTS ImageNet augmentation: random resized crop, flip, colour jitter.
+        train = StreamLoader(train_index, cfg.batch_size, train=True, jitter=PCDARTS_JITTER, **common)
+        test = StreamLoader(test_index, cfg.batch_size, train=False, **common)
+        return train, test, train_index.num_classes, 3
+    train_set = gdata.load(cfg.dataset, cfg.data, "train", resolution=cfg.resolution,
+                           max_images=cfg.train_images, seed=cfg.seed)
+    test_set = gdata.load(cfg.dataset, cfg.data, "test", resolution=cfg.resolution)
+    where = dict(rank=rank, world_size=world, device=device)
+    train = gdata.Loader(train_set, cfg.batch_size, train=True, seed=cfg.seed, **where)
+    test = gdata.Loader(test_set, max(cfg.batch_size, 256), train=False, **where)
+    return train, test, train_set.num_classes, train_set.images.shape[1]
+
+
+def cutout(x: torch.Tensor, length: int, gen: torch.Generator) -> torch.Tensor:
+    """Zero a length x length square (clipped at the border) centred uniformly in each image,
+    after normalization, as DARTS' Cutout. Centres are drawn on the CPU from ``gen``."""
+    b, _, h, w = x.shape
+    cy = torch.randint(0, h, (b, 1), generator=gen).to(x.device)
+    cx = torch.randint(0, w, (b, 1), generator=gen).to(x.device)
+    rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    in_y = (rows >= cy - length // 2) & (rows < cy + length // 2)  # [B, H]
+    in_x = (cols >= cx - length // 2) & (cols < cx + length // 2)  # [B, W]
+    keep = ~(in_y[:, :, None] & in_x[:, None, :])
+    return x * keep[:, None].to(x.dtype)
+
+
+def amp_setup(amp: Optional[str], device: torch.device):
+    """(autocast dtype or None, GradScaler or None). fp16 needs loss scaling, bf16 does not."""
+    if amp is None:
+        return None, None
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    try:
+        # Older torch only warns ("... not supported. Disabling autocast.") for an unsupported
+        # device/dtype pair; a silently full-precision run would be mislabelled, so fail instead.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with torch.autocast(device.type, dtype=dtype):
+                pass
+        scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    except (RuntimeError, AssertionError, ValueError, UserWarning) as e:
+        raise TrainError(f"--amp {amp} is not supported on {device.type} by this torch: {e}") from None
+    return dtype, scaler
+
+
+def topk_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[top-1, top-5] correct counts (top-5 is top-C when there are fewer than 5 classes)."""
+    pred = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hit = pred == y[:, None]
+    return torch.stack([hit[:, :1].sum(), hit.sum()])
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, out: Optional[str] = None, echo=print):
+        self.cfg, self.out, self.echo = check(cfg), out, echo
+        self.genotype = genotype_of(cfg)
+        self.device = pick_device(cfg.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.amp_dtype, self.scaler = amp_setup(cfg.amp, self.device)
+        self.rank, self.world = dist.init(self.device)
+        self.main = self.rank == 0
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.train_loader, self.test_loader, self.num_classes, in_ch = make_loaders(cfg, self.rank, self.world,
+                                                                                    self.device)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.model = build_network(cfg, self.genotype, self.num_classes, in_ch).to(
+            self.device, memory_format=self.memory_format)
+        dist.broadcast_state(self.model)
+        self.params = list(self.model.parameters())
+        self.opt = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.epoch = 0
+        self.best = {"test_top1": -1.0, "test_top5": -1.0, "epoch": 0}
+        self.last: Dict[str, float] = {}  # the latest epoch's test accuracy
+
+    # -- state ------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        return {"epoch": self.epoch, "config": self.cfg.to_dict(), "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+                "train_loader": self.train_loader.state_dict(), "best": dict(self.best), "last": dict(self.last), "rng": rng_state()}
+
+    def load_state_dict(self, s: Dict[str, Any]) -> None:
+        self.epoch = s["epoch"]
+        self.model.load_state_dict(s["model"])
+        self.opt.load_state_dict(s["optimizer"])
+        if self.scaler is not None and s.get("scaler"):
+            self.scaler.load_state_dict(s["scaler"])
+        self.train_loader.load_state_dict(s["train_loader"])
+        self.best, self.last = dict(s["best"]), dict(s["last"])
+        set_rng_state(s["rng"])
+
+    # -- steps ------------------------------------------------------------------------
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+
+    def step(self, x, y, batch: int):
+        cfg = self.cfg
+        if cfg.cutout:
+            x = cutout(x, cfg.cutout, generator("cutout", cfg.seed, self.epoch, self.rank, batch))
+        x = x.contiguous(memory_format=self.memory_format)
+        self.opt.zero_grad(set_to_none=True)
+        with self.autocast():
+            logits, logits_aux = self.model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        if logits_aux is not None:
+            loss = loss + cfg.auxiliary_weight * F.cross_entropy(logits_aux.float(), y,
+                                                                 label_smoothing=cfg.label_smoothing)
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        # Reduce the still-scaled gradients: an inf on any rank then reaches every rank, so
+        # all ranks agree to skip the step.
+        dist.average_grads(self.params)
+        if self.scaler:
+            self.scaler.unscale_(self.opt)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        return loss.detach(), topk_correct(logits.detach(), y)
+
+    def train_epoch(self) -> Dict[str, float]:
+        self.model.train()
+        self.model.drop_path_prob = drop_path_at(self.cfg, self.epoch)
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.cfg, self.epoch)
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros(2, device=self.device, dtype=torch.long)
+        seen = 0
+        bar = Progress(len(self.train_loader), f"epoch {self.epoch + 1}/{self.cfg.epochs}", self.main)
+        start = time.perf_counter()
+        for batch, (x, y) in enumerate(self.train_loader):
+            loss, right = self.step(x, y, batch)
+            loss_sum += loss * len(y)
+            correct += right
+            seen += len(y)
+            bar.update(1, loss=float(loss_sum) / seen if bar.enabled else 0.0)
+        bar.close()
+        secs = time.perf_counter() - start
+        loss_t, top1, top5, n = dist.all_reduce_sum([float(loss_sum), *map(float, correct), float(seen)], self.device)
+        return {"train_loss": loss_t / n, "train_top1": 100 * top1 / n, "train_top5": 100 * top5 / n,
+                "seconds": secs, "images_per_s": n / secs}
+
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros(2, device=self.device, dtype=torch.long)
+        seen = 0
+        for x, y in self.test_loader:
+            with self.autocast():
+                logits, _ = self.model(x.contiguous(memory_format=self.memory_format))
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+            correct += topk_correct(logits, y)
+            seen += len(y)
+        loss_t, top1, top5, n = dist.all_reduce_sum([float(loss_sum), *map(float, correct), float(seen)], self.device)
+        return {"test_loss": loss_t / n, "test_top1": 100 * top1 / n, "test_top5": 100 * top5 / n}
+
+    # -- the run ----------------------------------------------------------------------
+    def run(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        stop = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, self.epoch + cfg.stop_after)
+        while self.epoch < stop:
+            record = {"lr": lr_at(cfg, self.epoch), "drop_path": drop_path_at(cfg, self.epoch)}
+            record.update(self.train_epoch())
+            # Ranks' BN running statistics drift apart (each sees its own batches): use rank 0's.
+            dist.broadcast_state(self.model)
+            record.update(self.evaluate())
+            self.epoch += 1
+            self.last = {k: record[k] for k in ("test_top1", "test_top5")}
+            if record["test_top1"] > self.best["test_top1"]:
+                self.best = {"test_top1": record["test_top1"], "test_top5": record["test_top5"], "epoch": self.epoch}
+            self.end_epoch(record)
+        return self.finish()
+
+    def close(self) -> None:
+        """Stop the streaming loaders' worker processes (in-memory loaders have none)."""
+        for loader in (self.train_loader, self.test_loader):
+            getattr(loader, "close", lambda: None)()
+
+    def end_epoch(self, record: Dict[str, Any]) -> None:
+        record.update(epoch=self.epoch, peak_mem_mb=peak_mem_mb(self.device))
+        if not self.main:
+            return
+        self.echo(f"epoch {self.epoch}/{self.cfg.epochs} lr {record['lr']:.4g} loss {record['train_loss']:.3f} "
+                  f"train {record['train_top1']:.1f} test {record['test_top1']:.2f} (top-5 {record['test_top5']:.2f}) "
+                  f"{record['images_per_s']:.0f} img/s")
+        if self.out:
+            rundir.append_log(os.path.join(self.out, "log.jsonl"), record)
+            rundir.save_checkpoint(os.path.join(self.out, "checkpoint.pt"), self.state_dict())
+
+    def finish(self) -> Dict[str, Any]:
+        result = {"dataset": self.cfg.dataset, "seed": self.cfg.seed, "epochs_done": self.epoch,
+                  "complete": self.epoch >= self.cfg.epochs, "params_m": param_count_m(self.model),
+                  "genotype": genotypes.to_json(self.genotype),
+                  "final_test_top1": self.last.get("test_top1"), "final_test_top5": self.last.get("test_top5"),
+                  "best_test_top1": self.best["test_top1"], "best_test_top5": self.best["test_top5"],
+                  "best_epoch": self.best["epoch"]}
+        if self.main and self.out:
+            rundir.write_json(os.path.join(self.out, "result.json"), result)
+        return result
