@@ -8,6 +8,7 @@ The fused kernels take half types, so the mixed ops run in the autocast dtype.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import List, Optional, Sequence
 
 import torch
@@ -19,6 +20,8 @@ class Precision:
     def __init__(self, amp: Optional[str], device: torch.device, channels_last: bool = False):
         if amp is not None and amp not in DTYPES:
             raise ValueError(f"amp must be one of {', '.join(DTYPES)}, got {amp!r}")
+        if amp is not None:
+            _check_supported(amp, DTYPES[amp], device)
         self.amp, self.device = amp, device
         self.dtype = DTYPES.get(amp)
         self.channels_last = channels_last
@@ -64,3 +67,15 @@ class Precision:
     def load_state_dict(self, state) -> None:
         if self.scaler and state:
             self.scaler.load_state_dict(state)
+
+
+def _check_supported(amp: str, dtype: torch.dtype, device: torch.device) -> None:
+    # Older torch only warns ("... not supported. Disabling autocast.") for an unsupported
+    # device/dtype pair; a silently full-precision run would be mislabelled, so fail instead.
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with torch.autocast(device.type, dtype=dtype):
+                pass
+    except (RuntimeError, AssertionError, ValueError, UserWarning) as e:
+        raise ValueError(f"--amp {amp} is not supported on {device.type} by this torch: {e}") from None

@@ -10,7 +10,7 @@ inputs (beta), and an op's score is its weight times its edge's beta.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 from torch import nn

@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 import random
 import time
-import warnings
-from contextlib import nullcontext
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -23,6 +21,7 @@ import torch.nn.functional as F
 
 from gaea_ext import data as gdata
 from gaea_ext.data.seeding import generator
+from gaea_ext.precision import Precision
 from gaea_ext.search import dist, rundir
 from gaea_ext.search.loop import peak_mem_mb, pick_device, rng_state, set_rng_state
 from gaea_ext.search.progress import Progress
@@ -90,24 +89,6 @@ def cutout(x: torch.Tensor, length: int, gen: torch.Generator) -> torch.Tensor:
     return x * keep[:, None].to(x.dtype)
 
 
-def amp_setup(amp: Optional[str], device: torch.device):
-    """(autocast dtype or None, GradScaler or None). fp16 needs loss scaling, bf16 does not."""
-    if amp is None:
-        return None, None
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    try:
-        # Older torch only warns ("... not supported. Disabling autocast.") for an unsupported
-        # device/dtype pair; a silently full-precision run would be mislabelled, so fail instead.
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            with torch.autocast(device.type, dtype=dtype):
-                pass
-        scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
-    except (RuntimeError, AssertionError, ValueError, UserWarning) as e:
-        raise TrainError(f"--amp {amp} is not supported on {device.type} by this torch: {e}") from None
-    return dtype, scaler
-
-
 def topk_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """[top-1, top-5] correct counts (top-5 is top-C when there are fewer than 5 classes)."""
     pred = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -122,7 +103,7 @@ class Trainer:
         self.device = pick_device(cfg.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.amp_dtype, self.scaler = amp_setup(cfg.amp, self.device)
+        self.prec = Precision(cfg.amp, self.device, cfg.channels_last)
         self.rank, self.world = dist.init(self.device)
         self.main = self.rank == 0
         torch.manual_seed(cfg.seed)
@@ -143,48 +124,39 @@ class Trainer:
     # -- state ------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         return {"epoch": self.epoch, "config": self.cfg.to_dict(), "model": self.model.state_dict(),
-                "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+                "optimizer": self.opt.state_dict(), "scaler": self.prec.state_dict(),
                 "train_loader": self.train_loader.state_dict(), "best": dict(self.best), "last": dict(self.last), "rng": rng_state()}
 
     def load_state_dict(self, s: Dict[str, Any]) -> None:
         self.epoch = s["epoch"]
         self.model.load_state_dict(s["model"])
         self.opt.load_state_dict(s["optimizer"])
-        if self.scaler is not None and s.get("scaler"):
-            self.scaler.load_state_dict(s["scaler"])
+        self.prec.load_state_dict(s.get("scaler"))
         self.train_loader.load_state_dict(s["train_loader"])
         self.best, self.last = dict(s["best"]), dict(s["last"])
         set_rng_state(s["rng"])
 
     # -- steps ------------------------------------------------------------------------
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
-
     def step(self, x, y, batch: int):
         cfg = self.cfg
         if cfg.cutout:
             x = cutout(x, cfg.cutout, generator("cutout", cfg.seed, self.epoch, self.rank, batch))
-        x = x.contiguous(memory_format=self.memory_format)
+        x = self.prec.layout(x)
         self.opt.zero_grad(set_to_none=True)
-        with self.autocast():
+        with self.prec.autocast():
             logits, logits_aux = self.model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         if logits_aux is not None:
             loss = loss + cfg.auxiliary_weight * F.cross_entropy(logits_aux.float(), y,
                                                                  label_smoothing=cfg.label_smoothing)
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        self.prec.backward(loss)
         # Reduce the still-scaled gradients: an inf on any rank then reaches every rank, so
         # all ranks agree to skip the step.
         dist.average_grads(self.params)
-        if self.scaler:
-            self.scaler.unscale_(self.opt)
+        self.prec.unscale(self.opt)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
-        if self.scaler:
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            self.opt.step()
+        self.prec.step(self.opt)
         return loss.detach(), topk_correct(logits.detach(), y)
 
     def train_epoch(self) -> Dict[str, float]:
@@ -216,8 +188,8 @@ class Trainer:
         correct = torch.zeros(2, device=self.device, dtype=torch.long)
         seen = 0
         for x, y in self.test_loader:
-            with self.autocast():
-                logits, _ = self.model(x.contiguous(memory_format=self.memory_format))
+            with self.prec.autocast():
+                logits, _ = self.model(self.prec.layout(x))
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
             correct += topk_correct(logits, y)
             seen += len(y)
