@@ -224,8 +224,6 @@ def test_two_process_data_parallel_keeps_ranks_identical(tmp_path):
     assert json.loads(res.stdout.strip().splitlines()[-1]) == {"equal": True, "world": 2}
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gaea_ext.data.stream") is None,
-                    reason="gaea_ext.data.stream (streaming ImageNet loader) not present")
 def test_imagenet_tree_trains(tmp_path):
     from PIL import Image
 
@@ -236,10 +234,28 @@ def test_imagenet_tree_trains(tmp_path):
             for i in range(4):
                 Image.new("RGB", (40 + 8 * i, 36), (60 * c + 10 * i, 90, 120)).save(d / f"{i}.JPEG")
     out = str(tmp_path / "run")
-    assert run(["--genotype", "DARTS_V2", "--dataset", "imagenet", "--data", str(tmp_path / "imnet"),
+    assert run(["--genotype", "DARTS_V2", "--preset", "paper-imagenet", "--data", str(tmp_path / "imnet"),
                 "--resolution", "32", "--layers", "2", "--channels", "4", "--epochs", "1", "--batch-size", "4",
-                "--workers", "1", "--device", "cpu", "--out", out]) == 0
+                "--warmup-epochs", "0", "--workers", "1", "--device", "cpu", "--out", out]) == 0
     assert read(out, "result.json")["complete"]
+    cfg = read(out, "config.json")
+    assert (cfg["label_smoothing"], cfg["lr_schedule"], cfg["weight_decay"]) == (0.1, "linear", 3e-5)
+
+
+def test_paper_cifar_preset_family_trains_a_searched_cell(tmp_path):
+    """search -> result.json -> train with the paper recipe's settings, shrunk to tiny sizes."""
+    from gaea_ext.cli import main as gaea
+
+    search = str(tmp_path / "search")
+    assert gaea(["search", "--space", "pcdarts", "--epochs", "1", "--channels", "4", "--cells", "3",
+                 "--train-images", "128", "--batch-size", "32", "--out", search]) == 0
+    out = str(tmp_path / "train")
+    assert gaea(["train", "--genotype", os.path.join(search, "result.json"), "--preset", "paper-cifar10",
+                 "--dataset", "digits", "--epochs", "1", "--layers", "3", "--channels", "4",
+                 "--train-images", "128", "--batch-size", "32", "--out", out]) == 0
+    cfg = read(out, "config.json")
+    assert (cfg["cutout"], cfg["auxiliary_weight"], cfg["drop_path"], cfg["grad_clip"]) == (16, 0.4, 0.3, 5.0)
+    assert read(out, "result.json")["genotype"] == read(search, "result.json")["genotype"]
 
 
 @pytest.mark.parametrize("content,match", [("{not json", "cannot read genotype"),
