@@ -107,14 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _config(args) -> tuple[SearchConfig, Optional[str], bool]:
     """The run's config, its directory, and whether it resumes."""
     if args.resume:
-        if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
-            raise UserError("--resume continues in its own RUN_DIR; drop --out")
-        saved = rundir.read_json(os.path.join(args.resume, "config.json"))
-        try:
-            cfg = SearchConfig(**saved)
-        except TypeError as e:
-            raise UserError(f"malformed {args.resume}/config.json: {e}") from None
+        cfg = rundir.resumed_config(args.resume, args.out, SearchConfig)
+        # Where and how long to run may change on resume; what is searched may not.
         cfg.stop_after = args.stop_after
+        cfg.device = args.device or cfg.device
+        cfg.workers = cfg.workers if args.workers is None else args.workers
         return cfg, args.resume, True
     skip = {"cmd", "preset", "out", "resume"}
     overrides = {k: v for k, v in vars(args).items() if k not in skip}
@@ -122,8 +119,7 @@ def _config(args) -> tuple[SearchConfig, Optional[str], bool]:
         cfg = resolve(args.preset, overrides)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if args.out and os.path.exists(os.path.join(args.out, "checkpoint.pt")):
-        raise UserError(f"{args.out} already holds a run; use --resume {args.out} or another --out")
+    rundir.ensure_fresh(args.out)
     return cfg, args.out, False
 
 
@@ -153,6 +149,7 @@ def cmd_search(args) -> int:
                 line += "".join(f" {k} {v:.2f}" for k, v in result["nb201"].items() if isinstance(v, float))
             print(line)
     finally:
+        search.close()
         dist.shutdown()
     return 0
 

@@ -256,6 +256,11 @@ class Search:
                 rundir.append_log(os.path.join(self.out, "log.jsonl"), record)
                 rundir.save_checkpoint(os.path.join(self.out, "checkpoint.pt"), self.state_dict())
 
+    def close(self) -> None:
+        """Stop streamed loaders' decode processes (in-memory loaders have none)."""
+        for loader in (self.loader_w, self.loader_a, self.loader_valid):
+            getattr(loader, "close", lambda: None)()
+
     def finish(self) -> Dict[str, Any]:
         final = self.genotype()
         chosen = final

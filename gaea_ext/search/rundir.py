@@ -10,7 +10,7 @@ import io
 import json
 import os
 import tempfile
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -62,6 +62,23 @@ def truncate_log(path: str, epochs: int) -> None:
     """Keep only the first `epochs` records: a resumed run re-logs what its checkpoint lacks."""
     records = [r for r in read_log(path) if r.get("epoch", 0) <= epochs]
     _atomic_write(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
+
+
+def resumed_config(run_dir: str, out: Optional[str], cls):
+    """The saved config of the run in ``run_dir`` as a ``cls`` dataclass (search or train)."""
+    if out and os.path.abspath(out) != os.path.abspath(run_dir):
+        raise RunDirError("--resume continues in its own RUN_DIR; drop --out")
+    saved = read_json(os.path.join(run_dir, "config.json"))
+    try:
+        return cls(**saved)
+    except TypeError as e:
+        raise RunDirError(f"malformed {run_dir}/config.json: {e}") from None
+
+
+def ensure_fresh(out: Optional[str]) -> None:
+    """A new run never overwrites another run's checkpoint."""
+    if out and os.path.exists(os.path.join(out, "checkpoint.pt")):
+        raise RunDirError(f"{out} already holds a run; use --resume {out} or another --out")
 
 
 def save_checkpoint(path: str, state: Dict[str, Any]) -> None:

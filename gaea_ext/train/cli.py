@@ -65,13 +65,7 @@ def _config(args) -> tuple[TrainConfig, Optional[str], bool]:
     from gaea_ext.spaces import genotypes
 
     if args.resume:
-        if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
-            raise TrainError("--resume continues in its own RUN_DIR; drop --out")
-        saved = rundir.read_json(os.path.join(args.resume, "config.json"))
-        try:
-            cfg = TrainConfig(**saved)
-        except TypeError as e:
-            raise TrainError(f"malformed {args.resume}/config.json: {e}") from None
+        cfg = rundir.resumed_config(args.resume, args.out, TrainConfig)
         # Where and how long to run may change on resume; what is trained may not.
         cfg.stop_after = args.stop_after
         cfg.device = args.device or cfg.device
@@ -82,8 +76,7 @@ def _config(args) -> tuple[TrainConfig, Optional[str], bool]:
     if not cfg.genotype:
         raise TrainError("--genotype is required (a built-in name such as DARTS_V2, or a JSON file)")
     cfg.genotype_json = genotypes.to_json(genotypes.load(cfg.genotype))
-    if args.out and os.path.exists(os.path.join(args.out, "checkpoint.pt")):
-        raise TrainError(f"{args.out} already holds a run; use --resume {args.out} or another --out")
+    rundir.ensure_fresh(args.out)
     return cfg, args.out, False
 
 
