@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One prepared GPU check: build with CUDA, run the CUDA tests, run the kernel benchmarks.
+# One prepared GPU check: build with CUDA, run the CUDA tests, the kernel benchmarks, and the
+# search/train step benchmarks (NB201, DARTS, PC-DARTS, GDAS, DARTS_V2 training).
 # For a machine with an NVIDIA GPU and torch already installed (no network needed):
 #   bash bench/gpu_check.sh            # writes bench/gpu_results/ (or $OUT when set)
-# Budget: about 5 minutes on an H200 (build ~2-3 min for one arch, tests ~1 min, bench ~1 min).
+# Budget: about 7 minutes on an H200 (build ~2-3 min for one arch, tests ~1 min, bench ~3 min).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${OUT:-bench/gpu_results}
@@ -27,6 +28,9 @@ tests_rc=${PIPESTATUS[0]}
 
 echo "== kernel benchmarks"
 $PY bench/kernels.py --device cuda --markdown-out "$OUTDIR/kernels_cuda.md" 2>&1 | tail -40
+
+echo "== search and train steps (papers' batch sizes), fused vs no-fused"
+$PY bench/search_speed.py --device cuda --steps 10 --warmup 3 --markdown-out "$OUTDIR/search_speed_cuda.md" 2>&1 | tail -30
 
 echo "== summary: cuda tests rc=$tests_rc; tables in $OUTDIR"
 exit "$tests_rc"
