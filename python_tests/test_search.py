@@ -260,3 +260,14 @@ def test_config_precedence():
     assert resolve("cpu-proxy", {"method": "darts", "arch_lr": 1e-3}).arch_lr == 1e-3
     with pytest.raises(ValueError, match="unknown preset"):
         resolve("nope", {})
+
+
+def test_compiled_forward_matches_eager(tmp_path):
+    """--compile (aot_eager here: it traces the same graph as inductor without a C++ compile)
+    ends at the same architecture weights as the eager run."""
+    a, b = str(tmp_path / "eager"), str(tmp_path / "compiled")
+    args = [*TINY, "--epochs", "1", "--train-images", "256"]
+    assert run([*args, "--out", a]) == 0
+    assert run([*args, "--compile", "aot_eager", "--out", b]) == 0
+    torch.testing.assert_close(torch.tensor(result(a)["arch_weights"]), torch.tensor(result(b)["arch_weights"]),
+                               rtol=1e-5, atol=1e-6)

@@ -49,6 +49,7 @@ class SearchConfig:
     select: str = "last"  # or "best-valid": return the genotype of the best validation epoch
     amp: Optional[str] = None  # "bf16" or "fp16" autocast
     channels_last: bool = False
+    compile: Optional[str] = None  # torch.compile backend for the supernet's forward ("inductor", "aot_eager")
     workers: int = 4  # decode processes for streamed (ImageNet) data
     seed: int = 0
     fused: bool = True
@@ -138,6 +139,8 @@ def validate(cfg: SearchConfig) -> None:
             raise ValueError(f"--subsets takes two per-class fractions in (0, 1] summing to <= 1, got {cfg.subsets}")
     if cfg.amp not in (None, "bf16", "fp16"):
         raise ValueError(f"--amp must be bf16 or fp16, got {cfg.amp!r}")
+    if cfg.compile and cfg.method == "gaea-gdas":
+        raise ValueError("--compile does not suit gaea-gdas: the sampled op changes the graph every step")
     if cfg.select not in ("last", "best-valid"):
         raise ValueError(f"--select must be last or best-valid, got {cfg.select!r}")
     if cfg.select == "best-valid" and not cfg.bilevel and cfg.subsets is None:

@@ -85,6 +85,9 @@ class Search:
             self.model = self.model.to(memory_format=torch.channels_last)
         dist.broadcast_state(self.model)
         dist.broadcast_state(self.method)
+        # The supernet's forward through torch.compile (the module itself stays uncompiled, so
+        # checkpoints and the --no-fused A/B are unchanged).
+        self.forward = torch.compile(self.model, backend=cfg.compile) if cfg.compile else self.model
         self.w_opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                      weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.w_opt, lr_factor(cfg))
@@ -136,7 +139,7 @@ class Search:
     def arch_step(self, x, y) -> None:
         params = self.method.params()
         with self.prec.autocast():
-            loss = F.cross_entropy(self.model(self.prec.layout(x), self.method.weights()), y)
+            loss = F.cross_entropy(self.forward(self.prec.layout(x), self.method.weights()), y)
         reg = self.method.regularizer()
         if reg is not None:
             loss = loss + reg
@@ -161,7 +164,7 @@ class Search:
         else:
             weights = weights.detach()
         with self.prec.autocast():
-            logits = self.model(self.prec.layout(x), weights)
+            logits = self.forward(self.prec.layout(x), weights)
             loss = F.cross_entropy(logits, y)
         self.prec.backward(loss)
         dist.average_grads(params + arch_params)
@@ -208,7 +211,7 @@ class Search:
         weights = self.method.weights()
         for x, y in loader:
             with self.prec.autocast():
-                right += (self.model(self.prec.layout(x), weights).argmax(1) == y).sum()
+                right += (self.forward(self.prec.layout(x), weights).argmax(1) == y).sum()
             seen += len(y)
         right, seen = dist.all_reduce_sum([float(right), seen], self.device)
         return 100.0 * right / max(1, seen)
