@@ -32,5 +32,24 @@ $PY bench/kernels.py --device cuda --markdown-out "$OUTDIR/kernels_cuda.md" 2>&1
 echo "== search and train steps (papers' batch sizes), fused vs no-fused"
 $PY bench/search_speed.py --device cuda --steps 10 --warmup 3 --markdown-out "$OUTDIR/search_speed_cuda.md" 2>&1 | tail -30
 
+echo "== NB201 paper-cifar10 GAEA search: a timed slice of 2 of 25 epochs, fused and --no-fused"
+DATA=${DATA:-../shared/data/cifar10-jpeg.tar.gz}
+if [ -e "$DATA" ]; then
+  for path in fused no-fused; do
+    flag=$([ "$path" = no-fused ] && echo --no-fused || true)
+    rm -rf "$OUTDIR/paper-$path"
+    $PY -m gaea_ext search --preset paper-cifar10 --data "$DATA" --stop-after 2 $flag --out "$OUTDIR/paper-$path" 2>&1 | grep -v "^ *[0-9]*%" | tail -3
+    $PY - "$OUTDIR/paper-$path" "$path" <<'PYEOF'
+import json, sys
+log = [json.loads(l) for l in open(sys.argv[1] + "/log.jsonl")]
+secs = log[-1]["seconds"]  # the second epoch: no first-epoch warm-up costs
+print(f"{sys.argv[2]}: epoch {log[-1]['epoch']} {secs:.1f} s, {log[-1]['images_per_s']:.0f} img/s, "
+      f"peak {log[-1]['peak_mem_mb']:.0f} MiB -> 25 epochs ~ {25 * secs / 60:.1f} min (training only)")
+PYEOF
+  done
+else
+  echo "no CIFAR-10 at $DATA (set DATA=...): skipped"
+fi
+
 echo "== summary: cuda tests rc=$tests_rc; tables in $OUTDIR"
 exit "$tests_rc"
