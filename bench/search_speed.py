@@ -152,8 +152,8 @@ def search_path(case: Case, fused: bool, args, device: torch.device):
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     w_opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    s = SimpleNamespace(cfg=cfg, model=model, method=method, w_opt=w_opt,
-                        prec=Precision(cfg.amp, device, cfg.channels_last))
+    s = SimpleNamespace(cfg=cfg, model=model, method=method, w_opt=w_opt, forward=model,  # eager, as Search
+                        prec=Precision(cfg.amp, device, cfg.channels_last))         # without --compile
     model.train()
     method.train()
     method.set_epoch(0, cfg.epochs)

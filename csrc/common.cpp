@@ -89,6 +89,113 @@ MixedBackward prepare_backward(const at::Tensor& grad, at::TensorList ys_in, con
   return b;
 }
 
+namespace {
+
+void check_pf(const at::Tensor& x, at::TensorList ys, const at::Tensor& weights, at::IntArrayRef pf) {
+  TORCH_CHECK(is_float_type(x.scalar_type()),
+              "mixed_op_pf: x must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 3 || x.dim() == 4, "mixed_op_pf: x must be 3-D (C, H, W) or 4-D (B, C, H, W), got ",
+              x.dim(), "-D with shape ", x.sizes());
+  // As PyTorch's pools: an empty batch is fine, an empty plane is not.
+  TORCH_CHECK(x.size(-1) > 0 && x.size(-2) > 0, "mixed_op_pf: x has an empty plane (H, W) = (", x.size(-2),
+              ", ", x.size(-1), "); H and W must be at least 1");
+  const int64_t K = static_cast<int64_t>(ys.size());
+  const int64_t P = static_cast<int64_t>(pf.size());
+  TORCH_CHECK(K + P >= 1, "mixed_op_pf: no candidates (ys and pf are both empty)");
+  TORCH_CHECK(K <= kMaxK, "mixed_op_pf: at most ", kMaxK, " candidate outputs are supported, got ", K);
+  bool seen[kMaxPf + 1] = {};
+  for (int64_t j = 0; j < P; ++j) {
+    TORCH_CHECK(pf[j] >= kPfSkip && pf[j] <= kPfMaxPool, "mixed_op_pf: pf[", j, "] = ", pf[j],
+                " is not a parameter-free op code (1 = skip_connect, 2 = avg_pool_3x3, 3 = max_pool_3x3)");
+    TORCH_CHECK(!seen[pf[j]], "mixed_op_pf: pf code ", pf[j], " appears twice in pf = ", pf);
+    seen[pf[j]] = true;
+  }
+  // Stride 1 only: every candidate output has the input's shape.
+  for (int64_t k = 0; k < K; ++k) {
+    TORCH_CHECK(ys[k].sizes() == x.sizes(), "mixed_op_pf: ys[", k, "] has shape ", ys[k].sizes(),
+                " but x has shape ", x.sizes(), " (only stride-1 edges are supported)");
+    TORCH_CHECK(ys[k].scalar_type() == x.scalar_type(), "mixed_op_pf: ys[", k, "] has dtype ",
+                ys[k].scalar_type(), " but x has dtype ", x.scalar_type());
+    TORCH_CHECK(ys[k].device() == x.device(), "mixed_op_pf: ys[", k, "] is on ", ys[k].device(),
+                " but x is on ", x.device());
+  }
+  TORCH_CHECK(weights.dim() == 1, "mixed_op_pf: weights must be 1-D, got ", weights.dim(), "-D with shape ",
+              weights.sizes());
+  TORCH_CHECK(weights.size(0) == K + P, "mixed_op_pf: weights has length ", weights.size(0), " but there are ",
+              K, " candidate outputs in ys and ", P, " parameter-free ops in pf");
+  TORCH_CHECK(weights.scalar_type() == at::kFloat || weights.scalar_type() == x.scalar_type(),
+              "mixed_op_pf: weights must be float32 or the x dtype (", x.scalar_type(), "), got ",
+              weights.scalar_type());
+  TORCH_CHECK(weights.device() == x.device(), "mixed_op_pf: weights are on ", weights.device(),
+              " but x is on ", x.device());
+}
+
+// Channels_last when x and every y already are (no copies, and the pooling windows then
+// read whole pixels of C contiguous values), else contiguous: any other layout is copied.
+// gaea_ext/ops.py's fakes mirror this choice.
+at::MemoryFormat pf_format(const at::Tensor& x, at::TensorList ys) {
+  std::vector<at::Tensor> all{x};
+  all.insert(all.end(), ys.begin(), ys.end());
+  return common_format(all);
+}
+
+PfGeometry pf_geometry(const at::Tensor& x, at::MemoryFormat fmt) {
+  PfGeometry g;
+  g.H = x.size(-2);
+  g.W = x.size(-1);
+  const int64_t pixels = g.H * g.W;
+  if (fmt == at::MemoryFormat::ChannelsLast) {
+    g.images = x.size(0);
+    g.P = x.size(1);
+  } else {
+    g.images = pixels == 0 ? 0 : x.numel() / pixels;
+    g.P = 1;
+  }
+  return g;
+}
+
+}  // namespace
+
+PfForward prepare_pf_forward(const at::Tensor& x, at::TensorList ys_in, const at::Tensor& weights,
+                             at::IntArrayRef pf) {
+  check_pf(x, ys_in, weights, pf);
+  const auto fmt = pf_format(x, ys_in);
+  PfForward f;
+  f.x = x.contiguous(fmt);
+  f.ys = dense_in(ys_in, fmt);
+  f.w = acc_weights(weights, x.scalar_type());
+  f.out = at::empty(x.sizes(), x.options().memory_format(fmt));
+  f.pf = pf.vec();
+  f.geo = pf_geometry(x, fmt);
+  return f;
+}
+
+PfBackward prepare_pf_backward(const at::Tensor& grad, const at::Tensor& x, at::TensorList ys_in,
+                               const at::Tensor& weights, at::IntArrayRef pf,
+                               const c10::List<bool>& ys_mask, bool x_grad) {
+  check_pf(x, ys_in, weights, pf);
+  const size_t K = ys_in.size();
+  TORCH_CHECK(ys_mask.size() == K, "mixed_op_pf_backward: ys_mask has ", ys_mask.size(), " entries for ", K,
+              " inputs");
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type() && grad.device() == x.device(),
+              "mixed_op_pf_backward: grad must match x in shape, dtype and device");
+  const auto fmt = pf_format(x, ys_in);
+  PfBackward b;
+  b.x = x.contiguous(fmt);
+  b.ys = dense_in(ys_in, fmt);
+  b.w = acc_weights(weights, x.scalar_type());
+  b.grad = grad.contiguous(fmt);
+  b.pf = pf.vec();
+  b.geo = pf_geometry(x, fmt);
+  const auto opts = x.options().memory_format(fmt);
+  for (size_t k = 0; k < K; ++k)
+    if (ys_mask.get(k)) b.grad_ys.push_back(at::empty(x.sizes(), opts));
+  // grad_x is only the parameter-free part of x's gradient; with no pf ops (or x_grad=False)
+  // there is none, and an empty tensor stands in for it.
+  b.grad_x = (x_grad && !pf.empty()) ? at::empty(x.sizes(), opts) : at::empty({0}, x.options());
+  return b;
+}
+
 void check_eg_update(at::TensorList params, at::TensorList grads,
                      const c10::optional<at::Tensor>& lr_tensor, double eps) {
   TORCH_CHECK(!params.empty(), "eg_update_: params is an empty list");

@@ -36,6 +36,43 @@ struct MixedBackward {
 MixedBackward prepare_backward(const at::Tensor& grad, at::TensorList ys, const at::Tensor& weights,
                                const c10::List<bool>& ys_mask);
 
+// ---- mixed_op_pf: parameter-free candidates computed from the edge input x -------------
+
+// Codes of the parameter-free candidates (the schema's int[] pf). `none` has no code: its
+// output is zero, so callers leave it out.
+enum PfCode : int64_t { kPfSkip = 1, kPfAvgPool = 2, kPfMaxPool = 3 };
+constexpr int64_t kMaxPf = 3;
+
+// x seen as `images` dense blocks of H x W pixels, each pixel P interleaved values: for
+// NCHW (or CHW) one image per (b, c) plane and P = 1; for channels_last one image per b and
+// P = C. A 3x3 neighbour of element i is i + dy * W * P + dx * P in both cases.
+struct PfGeometry {
+  int64_t images = 0, H = 0, W = 0, P = 1;
+};
+
+struct PfForward {
+  at::Tensor x;
+  std::vector<at::Tensor> ys;
+  at::Tensor w, out;
+  std::vector<int64_t> pf;
+  PfGeometry geo;
+};
+PfForward prepare_pf_forward(const at::Tensor& x, at::TensorList ys, const at::Tensor& weights,
+                             at::IntArrayRef pf);
+
+struct PfBackward {
+  at::Tensor x;
+  std::vector<at::Tensor> ys;
+  at::Tensor w, grad;
+  std::vector<int64_t> pf;
+  PfGeometry geo;
+  std::vector<at::Tensor> grad_ys;  // one per true entry of ys_mask, in order
+  at::Tensor grad_x;                // undefined unless x_grad and pf is not empty
+};
+PfBackward prepare_pf_backward(const at::Tensor& grad, const at::Tensor& x, at::TensorList ys,
+                               const at::Tensor& weights, at::IntArrayRef pf,
+                               const c10::List<bool>& ys_mask, bool x_grad);
+
 void check_eg_update(at::TensorList params, at::TensorList grads,
                      const c10::optional<at::Tensor>& lr_tensor, double eps);
 

@@ -11,6 +11,18 @@ TORCH_LIBRARY(gaea, m) {
   m.def(
       "mixed_op_backward(Tensor grad, Tensor[] ys, Tensor weights, bool[] ys_mask,"
       " bool weights_grad=True) -> (Tensor[], Tensor)");
+  // The same mixture when some candidates are parameter-free ops of the edge input x:
+  // out = sum_k weights[k] * ys[k] + sum_j weights[len(ys) + j] * pf_j(x), pf codes 1 =
+  // skip_connect, 2 = avg_pool_3x3 (stride 1, pad 1, count_include_pad=False), 3 =
+  // max_pool_3x3 (stride 1, pad 1). pf_j(x) is computed on the fly and never written to
+  // memory, so autograd saves x once instead of one pooled copy per pool.
+  m.def("mixed_op_pf(Tensor x, Tensor[] ys, Tensor weights, int[] pf) -> Tensor");
+  // grad_ys as mixed_op_backward; grad_x = the parameter-free candidates' part of x's
+  // gradient only (autograd adds the rest), an empty tensor unless x_grad and pf is not
+  // empty; grad_weights[j] = sum(grad * candidate j), pooled candidates recomputed from x.
+  m.def(
+      "mixed_op_pf_backward(Tensor grad, Tensor x, Tensor[] ys, Tensor weights, int[] pf,"
+      " bool[] ys_mask, bool x_grad=True, bool weights_grad=True) -> (Tensor[], Tensor, Tensor)");
   // Exponentiated-gradient step on every row of every param, in place. lr_tensor, when
   // given, overrides lr and is read on the device (CUDA-graph capturable). Returns the
   // number of rows left unchanged because their grad (or param) was not finite.

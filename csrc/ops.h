@@ -11,6 +11,11 @@ at::Tensor mixed_op_cpu(at::TensorList ys, const at::Tensor& weights);
 std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_op_backward_cpu(
     const at::Tensor& grad, at::TensorList ys, const at::Tensor& weights,
     const c10::List<bool>& ys_mask, bool weights_grad);
+at::Tensor mixed_op_pf_cpu(const at::Tensor& x, at::TensorList ys, const at::Tensor& weights,
+                           at::IntArrayRef pf);
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> mixed_op_pf_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, at::TensorList ys, const at::Tensor& weights,
+    at::IntArrayRef pf, const c10::List<bool>& ys_mask, bool x_grad, bool weights_grad);
 at::Tensor eg_update_cpu(at::TensorList params, at::TensorList grads, double lr,
                          const c10::optional<at::Tensor>& lr_tensor, double eps);
 
@@ -22,6 +27,11 @@ at::Tensor mixed_op_cuda(at::TensorList ys, const at::Tensor& weights);
 std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_op_backward_cuda(
     const at::Tensor& grad, at::TensorList ys, const at::Tensor& weights,
     const c10::List<bool>& ys_mask, bool weights_grad);
+at::Tensor mixed_op_pf_cuda(const at::Tensor& x, at::TensorList ys, const at::Tensor& weights,
+                            at::IntArrayRef pf);
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> mixed_op_pf_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& x, at::TensorList ys, const at::Tensor& weights,
+    at::IntArrayRef pf, const c10::List<bool>& ys_mask, bool x_grad, bool weights_grad);
 at::Tensor eg_update_cuda(at::TensorList params, at::TensorList grads, double lr,
                           const c10::optional<at::Tensor>& lr_tensor, double eps);
 }  // namespace gaea

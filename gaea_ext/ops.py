@@ -10,7 +10,9 @@ from typing import List, Sequence, Union
 import torch
 from torch import Tensor
 
-__all__ = ["mixed_op", "eg_update_"]
+from gaea_ext.reference import pf_code
+
+__all__ = ["mixed_op", "mixed_op_pf", "eg_update_"]
 
 
 def _common_format(ys: Sequence[Tensor]) -> torch.memory_format:
@@ -87,6 +89,109 @@ def mixed_op(ys: Sequence[Tensor], weights: Tensor) -> Tensor:
     the weight gradient is accumulated in float32 (float64 for float64) deterministically.
     """
     return torch.ops.gaea.mixed_op(list(ys), weights)
+
+
+# ---- mixed_op_pf --------------------------------------------------------------------------
+
+
+def _pf_like(x: Tensor, ys: Sequence[Tensor]) -> Tensor:
+    # Mirrors prepare_pf_forward in csrc/common.cpp: the layout x and every y share
+    # (contiguous or channels_last), else contiguous.
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_common_format([x, *ys]))
+
+
+@torch.library.register_fake("gaea::mixed_op_pf")
+def _mixed_op_pf_fake(x, ys, weights, pf):
+    torch._check(x.dim() in (3, 4), lambda: "mixed_op_pf: x must be 3-D or 4-D")
+    torch._check(len(ys) + len(pf) >= 1, lambda: "mixed_op_pf: no candidates")
+    torch._check(weights.dim() == 1 and weights.shape[0] == len(ys) + len(pf),
+                 lambda: f"mixed_op_pf: weights must be 1-D of length {len(ys) + len(pf)}")
+    return _pf_like(x, ys)
+
+
+@torch.library.register_fake("gaea::mixed_op_pf_backward")
+def _mixed_op_pf_backward_fake(grad, x, ys, weights, pf, ys_mask, x_grad=True, weights_grad=True):
+    grad_ys = [_pf_like(x, ys) for needed in ys_mask if needed]
+    grad_x = _pf_like(x, ys) if (x_grad and len(pf) > 0) else x.new_empty(0)
+    return grad_ys, grad_x, weights.new_empty(len(ys) + len(pf))
+
+
+_POOL = dict(kernel_size=[3, 3], stride=[1, 1], padding=[1, 1])
+
+
+def _pf_vjp(x: Tensor, code: int, g: Tensor) -> Tensor:
+    """The parameter-free candidate's vector-Jacobian product, from differentiable aten ops
+    (each of these backward ops has its own derivative registered)."""
+    if code == 1:
+        return g
+    k, st, pad = _POOL["kernel_size"], _POOL["stride"], _POOL["padding"]
+    if code == 2:
+        return torch.ops.aten.avg_pool2d_backward(g, x, k, st, pad, False, False, None)
+    _, idx = torch.ops.aten.max_pool2d_with_indices(x.detach(), k, st, pad)
+    return torch.ops.aten.max_pool2d_with_indices_backward(g, x, k, st, pad, [1, 1], False, idx)
+
+
+def _no_grad_for(pf):
+    # register_autograd matches the returned structure against the inputs': an int list is
+    # one leaf (None), but an empty list looks like an empty tensor list ([]).
+    return None if pf else []
+
+
+def _pf_setup_context(ctx, inputs, output):
+    x, ys, weights, pf = inputs
+    ctx.pf = list(pf)
+    ctx.ys_mask = [y.requires_grad for y in ys]
+    ctx.x_grad = x.requires_grad
+    ctx.weights_grad = weights.requires_grad
+    # x, the ys and the weights only: the pooled candidates are recomputed from x.
+    ctx.save_for_backward(x, *ys, weights)
+
+
+def _pf_backward(ctx, grad):
+    from gaea_ext.reference import pf_candidate
+
+    x, *ys, weights = ctx.saved_tensors
+    x_grad = ctx.x_grad and len(ctx.pf) > 0
+    if torch.is_grad_enabled():
+        # create_graph=True: as mixed_op, exact eager formulas that autograd can differentiate.
+        acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        w, g, xa = weights.to(acc), grad.to(acc), x.to(acc)
+        K = len(ys)
+        grad_ys = [(w[k] * g).to(y.dtype) if needed else None
+                   for k, (y, needed) in enumerate(zip(ys, ctx.ys_mask))]
+        grad_x = None
+        if x_grad:
+            grad_x = sum(_pf_vjp(xa, c, w[K + j] * g) for j, c in enumerate(ctx.pf)).to(x.dtype)
+        grad_w = None
+        if ctx.weights_grad:
+            terms = [*(y.to(acc) for y in ys), *(pf_candidate(xa, c) for c in ctx.pf)]
+            grad_w = torch.stack([(g * t).sum() for t in terms]).to(weights.dtype)
+        return grad_x, grad_ys, grad_w, _no_grad_for(ctx.pf)
+    grad_ys, grad_x, grad_w = torch.ops.gaea.mixed_op_pf_backward(
+        grad, x, ys, weights, ctx.pf, ctx.ys_mask, x_grad, ctx.weights_grad)
+    given = iter(grad_ys)
+    grad_ys = [next(given) if needed else None for needed in ctx.ys_mask]
+    return (grad_x if x_grad else None), grad_ys, (grad_w if ctx.weights_grad else None), _no_grad_for(ctx.pf)
+
+
+torch.library.register_autograd("gaea::mixed_op_pf", _pf_backward, setup_context=_pf_setup_context)
+
+
+def mixed_op_pf(x: Tensor, ys: Sequence[Tensor], weights: Tensor, pf: Sequence[Union[int, str]]) -> Tensor:
+    """mixed_op over [*ys, *(pf_j(x) for j in pf)] without materializing the pf_j(x).
+
+    x: the edge input, 3-D (C, H, W) or 4-D (B, C, H, W), any float dtype. ys: the
+    parametric candidates' outputs (K >= 0, K <= 64), each of x's shape, dtype and device
+    (stride-1 edges). pf: distinct parameter-free ops, by name or code: "skip_connect" (1),
+    "avg_pool_3x3" (2; stride 1, pad 1, count_include_pad=False) and "max_pool_3x3" (3;
+    stride 1, pad 1, PyTorch's tie and NaN rules). weights: 1-D, len(ys) + len(pf) entries,
+    the ys' first, float32 or x's dtype.
+
+    The output is channels_last when x and every y are, else contiguous (other layouts are
+    copied first). Differentiable in x, ys and weights; autograd saves x, ys and weights only.
+    Weight gradients are accumulated in float32 (float64 for float64) deterministically.
+    """
+    return torch.ops.gaea.mixed_op_pf(x, list(ys), weights, [pf_code(op) for op in pf])
 
 
 def eg_update_(

@@ -9,9 +9,13 @@ import math
 from typing import Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["mixed_op", "eg_update_", "eg_update_formula_"]
+__all__ = ["mixed_op", "mixed_op_pf", "pf_candidate", "PF_CODES", "eg_update_", "eg_update_formula_"]
+
+# Parameter-free candidates of mixed_op_pf, by name and by the op's int code.
+PF_CODES = {"skip_connect": 1, "avg_pool_3x3": 2, "max_pool_3x3": 3}
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -30,6 +34,32 @@ def mixed_op(ys: Sequence[Tensor], weights: Tensor) -> Tensor:
     for k in range(1, len(ys)):
         out = out + w[k] * ys[k].to(acc)
     return out.to(ys[0].dtype)
+
+
+def pf_code(op: Union[int, str]) -> int:
+    code = PF_CODES.get(op, op) if isinstance(op, str) else int(op)
+    if code not in PF_CODES.values():
+        raise ValueError(f"mixed_op_pf: {op!r} is not a parameter-free op ({', '.join(PF_CODES)} or 1, 2, 3)")
+    return code
+
+
+def pf_candidate(x: Tensor, op: Union[int, str]) -> Tensor:
+    """A parameter-free candidate's output, as NB201's and DARTS' bare ops compute it (stride 1)."""
+    code = pf_code(op)
+    if code == 1:
+        return x
+    if code == 2:
+        return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    return F.max_pool2d(x, 3, stride=1, padding=1)
+
+
+def mixed_op_pf(x: Tensor, ys: Sequence[Tensor], weights: Tensor, pf: Sequence[Union[int, str]]) -> Tensor:
+    """mixed_op over ys followed by the parameter-free candidates of x named in pf, which
+    this twin materializes (the fused op does not)."""
+    codes = [pf_code(op) for op in pf]
+    if len(set(codes)) != len(codes):
+        raise ValueError(f"mixed_op_pf: pf names an op twice: {list(pf)}")
+    return mixed_op([*ys, *(pf_candidate(x, c) for c in codes)], weights)
 
 
 @torch.no_grad()
