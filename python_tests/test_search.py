@@ -271,3 +271,20 @@ def test_compiled_forward_matches_eager(tmp_path):
     assert run([*args, "--compile", "aot_eager", "--out", b]) == 0
     torch.testing.assert_close(torch.tensor(result(a)["arch_weights"]), torch.tensor(result(b)["arch_weights"]),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("space", ["nb201", "pcdarts"])
+def test_cli_fused_and_no_fused_end_at_the_same_weights(tmp_path, space):
+    """The whole `gaea search` (same seed, CPU, float32) with the fused kernels -- mixed_op_pf on
+    NB201 edges -- and with --no-fused ends at the same architecture weights up to float32 noise."""
+    a, b = str(tmp_path / "fused"), str(tmp_path / "ref")
+    args = [*TINY, "--epochs", "1", "--train-images", "256", "--space", space]
+    if space != "nb201":
+        args += ["--cells", "3"]
+    assert run([*args, "--out", a]) == 0
+    assert run([*args, "--no-fused", "--out", b]) == 0
+    wa, wb = result(a)["arch_weights"], result(b)["arch_weights"]
+    flat = lambda w: torch.tensor(w).flatten() if isinstance(w, list) else torch.cat(  # noqa: E731
+        [torch.tensor(w[k]).flatten() for k in sorted(w)])
+    assert not torch.allclose(flat(wa), flat(wa).mean().expand_as(flat(wa)))  # moved off uniform
+    torch.testing.assert_close(flat(wa), flat(wb), rtol=1e-4, atol=1e-5)
