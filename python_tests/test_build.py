@@ -9,7 +9,7 @@ import torch
 
 import gaea_ext
 
-OPS = ["gaea::mixed_op", "gaea::mixed_op_backward", "gaea::eg_update_"]
+OPS = ["gaea::mixed_op", "gaea::mixed_op_backward", "gaea::mixed_op_pf", "gaea::mixed_op_pf_backward", "gaea::eg_update_"]
 
 
 def test_build_info_keys_and_types():
