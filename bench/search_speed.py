@@ -154,6 +154,7 @@ def search_path(case: Case, fused: bool, args, device: torch.device):
     w_opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     s = SimpleNamespace(cfg=cfg, model=model, method=method, w_opt=w_opt, forward=model,  # eager, as Search
                         prec=Precision(cfg.amp, device, cfg.channels_last))         # without --compile
+    s.weights = lambda: Search.weights(s)
     model.train()
     method.train()
     method.set_epoch(0, cfg.epochs)

@@ -81,6 +81,8 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     a("--select", choices=("last", "best-valid"), help="which epoch's genotype the run returns")
     a("--amp", choices=("bf16", "fp16"), help="mixed precision (autocast)")
     a("--channels-last", action="store_const", const=True, help="NHWC memory layout")
+    a("--prune-below", type=float, metavar="T",
+      help="stop computing candidates whose weight fell below T on an edge (approximate; see README)")
     a("--compile", nargs="?", const="inductor", metavar="BACKEND",
       help="run the supernet's forward through torch.compile (default backend inductor)")
     a("--workers", type=int, help="decode processes for streamed (ImageNet) data")

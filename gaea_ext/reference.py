@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["mixed_op", "mixed_op_pf", "pf_candidate", "PF_CODES", "eg_update_", "eg_update_formula_"]
+__all__ = ["mixed_op", "mixed_op_pf", "mixed_op_bn", "pf_candidate", "PF_CODES", "eg_update_", "eg_update_formula_"]
 
 # Parameter-free candidates of mixed_op_pf, by name and by the op's int code.
 PF_CODES = {"skip_connect": 1, "avg_pool_3x3": 2, "max_pool_3x3": 3}
@@ -60,6 +60,20 @@ def mixed_op_pf(x: Tensor, ys: Sequence[Tensor], weights: Tensor, pf: Sequence[U
     if len(set(codes)) != len(codes):
         raise ValueError(f"mixed_op_pf: pf names an op twice: {list(pf)}")
     return mixed_op([*ys, *(pf_candidate(x, c) for c in codes)], weights)
+
+
+def mixed_op_bn(x: Tensor, ys: Sequence[Tensor], zs: Sequence[Tensor], weights: Tensor,
+                pf: Sequence[Union[int, str]] = (), running_means: Sequence[Tensor] = (),
+                running_vars: Sequence[Tensor] = (), momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """mixed_op_pf over [*ys, *(BatchNorm(affine=False, train)(z) for z in zs)] and pf: the
+    candidates' BatchNorms run as F.batch_norm, and autograd keeps what they and the mix save."""
+    if len(zs) == 0:
+        raise ValueError("mixed_op_bn: zs is empty (use mixed_op / mixed_op_pf)")
+    rms = list(running_means) or [None] * len(zs)
+    rvs = list(running_vars) or [None] * len(zs)
+    normed = [F.batch_norm(z, rm, rv, training=True, momentum=momentum, eps=eps)
+              for z, rm, rv in zip(zs, rms, rvs)]
+    return mixed_op_pf(x, [*ys, *normed], weights, pf)
 
 
 @torch.no_grad()

@@ -681,13 +681,12 @@ def test_nb201_edges_use_pf_path_and_darts_edges_do_not():
     from gaea_ext.spaces import NB201Network, build_network
 
     fused = _mixed_ops(NB201Network(4, 1, 10, 3, exclude_none=True, fused=True))
-    assert fused and all(m.pf_codes == [CODE[SKIP], CODE[AVG]] for m in fused)
-    assert all(m.param_slots is not None for m in fused)
-    assert all(m.param_slots is None for m in _mixed_ops(NB201Network(4, 1, 10, 3, fused=False)))
+    assert fused and all(list(m.pf_slots.values()) == [CODE[SKIP], CODE[AVG]] for m in fused)
+    assert all(not m.pf_slots for m in _mixed_ops(NB201Network(4, 1, 10, 3, fused=False)))
     darts = build_network("darts", channels=8, cells=3, num_classes=10, in_channels=3, exclude_none=False,
                           fused=True, partial=1, stem="cifar")
     # DARTS' pools are followed by BatchNorm, and skip alone saves nothing: plain mixed_op.
-    assert all(m.param_slots is None for m in _mixed_ops(darts))
+    assert all(not m.pf_slots for m in _mixed_ops(darts))
 
 
 def test_pf_code_recognizes_only_bare_stride1_pools():
@@ -721,7 +720,7 @@ def test_mixed_op_fused_matches_reference_path(names, layout):
     fused = MixedOp(names, build, fused=True).double()
     plain = MixedOp(names, build, fused=False).double()
     plain.load_state_dict(fused.state_dict())
-    assert fused.param_slots is not None and plain.param_slots is None
+    assert fused.pf_slots and not plain.pf_slots
     assert list(fused.state_dict()) == list(plain.state_dict())
     x = torch.randn(3, 4, 6, 7, dtype=torch.float64)
     fmt = torch.channels_last if layout == CL else torch.contiguous_format

@@ -49,6 +49,7 @@ class SearchConfig:
     select: str = "last"  # or "best-valid": return the genotype of the best validation epoch
     amp: Optional[str] = None  # "bf16" or "fp16" autocast
     channels_last: bool = False
+    prune_below: float = 0.0  # skip candidates whose mixing weight is below this (0: never)
     compile: Optional[str] = None  # torch.compile backend for the supernet's forward ("inductor", "aot_eager")
     workers: int = 4  # decode processes for streamed (ImageNet) data
     seed: int = 0
@@ -141,6 +142,10 @@ def validate(cfg: SearchConfig) -> None:
         raise ValueError(f"--amp must be bf16 or fp16, got {cfg.amp!r}")
     if cfg.compile and cfg.method == "gaea-gdas":
         raise ValueError("--compile does not suit gaea-gdas: the sampled op changes the graph every step")
+    if not 0.0 <= cfg.prune_below < 1.0:
+        raise ValueError(f"--prune-below must lie in [0, 1), got {cfg.prune_below}")
+    if cfg.prune_below > 0 and cfg.method in ("gaea-gdas", "random"):
+        raise ValueError(f"--prune-below does not apply to {cfg.method}: it computes one op per edge already")
     if cfg.select not in ("last", "best-valid"):
         raise ValueError(f"--select must be last or best-valid, got {cfg.select!r}")
     if cfg.select == "best-valid" and not cfg.bilevel and cfg.subsets is None:

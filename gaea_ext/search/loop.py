@@ -24,8 +24,10 @@ from gaea_ext.search import data as search_data
 from gaea_ext.search import dist, rundir
 from gaea_ext.search.config import SearchConfig
 from gaea_ext.search.methods import make_method
+from gaea_ext.search.prune import prune
 from gaea_ext.search.progress import Progress
 from gaea_ext.spaces import build_network, genotypes
+from gaea_ext.spaces.arch import ArchWeights
 
 
 def pick_device(name: str) -> torch.device:
@@ -136,10 +138,14 @@ class Search:
             self.arch_iter = iter(self.loader_a)
             return next(self.arch_iter)
 
+    def weights(self) -> ArchWeights:
+        """The mixing weights every forward uses, pruned when --prune-below is set."""
+        return prune(self.method.weights(), self.method.spec, self.cfg.prune_below)
+
     def arch_step(self, x, y) -> None:
         params = self.method.params()
         with self.prec.autocast():
-            loss = F.cross_entropy(self.forward(self.prec.layout(x), self.method.weights()), y)
+            loss = F.cross_entropy(self.forward(self.prec.layout(x), self.weights()), y)
         reg = self.method.regularizer()
         if reg is not None:
             loss = loss + reg
@@ -157,7 +163,7 @@ class Search:
         params = list(self.model.parameters())
         arch_params = self.method.params() if arch_too else []
         self.w_opt.zero_grad(set_to_none=True)
-        weights = self.method.weights()
+        weights = self.weights()
         if arch_too:
             for p in arch_params:
                 p.grad = None
@@ -208,7 +214,7 @@ class Search:
         self.method.eval()
         right = torch.zeros((), device=self.device, dtype=torch.long)  # no host sync per batch
         seen = 0
-        weights = self.method.weights()
+        weights = self.weights()
         for x, y in loader:
             with self.prec.autocast():
                 right += (self.forward(self.prec.layout(x), weights).argmax(1) == y).sum()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -16,15 +16,18 @@ class ArchParam:
 
 @dataclass
 class ArchWeights:
-    """Mixing weights by parameter name; ``hard`` (GDAS) names the one op to compute per row."""
+    """Mixing weights by parameter name, and optionally, per row, which ops to compute
+    (``hard``): an int, the one op GDAS sampled (scaled straight-through); a tuple of op
+    indices, the ops a pruned search still computes (the usual weighted sum over them); None,
+    every op."""
 
     w: Dict[str, torch.Tensor]
-    hard: Optional[Dict[str, List[int]]] = None
+    hard: Optional[Dict[str, List[Union[int, Tuple[int, ...], None]]]] = None
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.w[name]
 
-    def index(self, name: str) -> Optional[List[int]]:
+    def index(self, name: str) -> Optional[List[Union[int, Tuple[int, ...], None]]]:
         return None if self.hard is None else self.hard.get(name)
 
     def detach(self) -> "ArchWeights":

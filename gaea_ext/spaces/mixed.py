@@ -1,34 +1,41 @@
 """The mixed operation: a weighted sum of candidate ops on one edge.
 
 `none` is never run: its output is zero, so it adds nothing to the sum and its weight's
-gradient, sum(grad * 0), is exactly zero without computing it. Both the fused kernel and the
-pure-PyTorch twin (`fused=False`, the `--no-fused` path) see the same candidate list, so an
-A/B comparison measures only the kernels.
+gradient, sum(grad * 0), is exactly zero without computing it. Both the fused kernels and the
+pure-PyTorch twin (`fused=False`, the `--no-fused` path) see the same candidate modules, so an
+A/B comparison measures only the kernels and what they let autograd keep.
 
-Parameter-free candidates on the fused path: when a stride-1 edge has a bare 3x3 pool
-(NB201's avg_pool_3x3; a max_pool_3x3 built the same way), the bare pools and skip_connect
-(nn.Identity) are not run as modules but computed from the edge input inside
-ops.mixed_op_pf, which never writes them to memory: autograd keeps x once instead of one
-pooled copy per pool, and the pools' own forward and backward passes disappear. Recognition
-is structural (the module's type and exact settings), so a pool followed by anything, e.g.
-DARTS' search pools, which are nn.Sequential(pool, BatchNorm2d(affine=False)) and need the
-pooled tensor's batch statistics, stays an ordinary candidate, and an edge with skip_connect
-but no bare pool (DARTS) keeps plain mixed_op: there is nothing to save. The weights are
-reordered to the op's convention (parametric candidates first); `fused=False` runs every
-module as before.
+On the fused path each candidate is looked at structurally, once, at construction:
+- Parameter-free candidates: when a stride-1 edge has a bare 3x3 pool (NB201's avg_pool_3x3;
+  a max_pool_3x3 built the same way), the bare pools and skip_connect (nn.Identity) are not run
+  as modules but computed from the edge input inside ops.mixed_op_pf, which never writes them
+  to memory. A pool followed by anything, e.g. DARTS' search pools (pool + BatchNorm), is not
+  bare; an edge with skip_connect but no bare pool (DARTS) keeps skip as an ordinary input:
+  there is nothing to save.
+- A candidate that is a plain chain of modules (nn.Sequential and subclasses without their own
+  forward, nested) starting with ReLU shares one ReLU(x) with the edge's other such
+  candidates (NB201's two ReLU-Conv-BN, DARTS' four sep/dil convs): one saved copy, not one
+  per candidate.
+- A chain ending in BatchNorm2d(affine=False) in training mode has that BN folded into
+  gaea_ext.bn_mixed.mixed_op_bn: only its input z is saved, not the normalized output as well
+  (DARTS' pools + BN included). The running statistics and num_batches_tracked advance as the
+  module's own forward would advance them. In eval mode the BN runs as a module.
+Weights are reordered to the ops' convention (plain outputs, then BN inputs, then pf codes).
 
-With a hard choice (GDAS) only the chosen op runs. Its output is scaled by its (one-hot,
-straight-through) weight, and the other weights are added as zero-valued scalars so that they
-still receive a gradient, as in GDAS (Dong & Yang, CVPR 2019).
+With a hard choice (GDAS) only the chosen op runs, as a module. Its output is scaled by its
+(one-hot, straight-through) weight, and the other weights are added as zero-valued scalars so
+that they still receive a gradient, as in GDAS (Dong & Yang, CVPR 2019).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gaea_ext import ops, reference
+from gaea_ext.bn_mixed import mixed_op_bn
 
 
 def mix_fn(fused: bool) -> Callable:
@@ -57,42 +64,138 @@ def pf_code(module: nn.Module) -> Optional[int]:
     return reference.PF_CODES["max_pool_3x3"]
 
 
+def chain(module: nn.Module) -> List[nn.Module]:
+    """The leaf modules a module applies one after another: itself unless it is an
+    nn.Sequential (or a subclass that keeps Sequential's forward)."""
+    if not isinstance(module, nn.Sequential) or type(module).forward is not nn.Sequential.forward:
+        return [module]
+    return [leaf for m in module for leaf in chain(m)]
+
+
+class Plan(NamedTuple):
+    """How the fused path runs one parametric candidate: ReLU(x) shared or not, the modules
+    after it, and a trailing BatchNorm(affine=False) to fold (None: none to fold)."""
+
+    relu: bool
+    body: List[nn.Module]
+    bn: Optional[nn.BatchNorm2d]
+
+
+def plan(module: nn.Module) -> Plan:
+    leaves = chain(module)
+    relu = len(leaves) > 1 and type(leaves[0]) is nn.ReLU and not leaves[0].inplace
+    bn = leaves[-1] if len(leaves) > 1 else None
+    if not (type(bn) is nn.BatchNorm2d and bn.weight is None):
+        bn = None
+    return Plan(relu, leaves[int(relu):len(leaves) - (bn is not None)], bn)
+
+
 class MixedOp(nn.Module):
     def __init__(self, names: Sequence[str], build: Dict[str, Callable[[], nn.Module]], fused: bool,
                  stride: int = 1):
         super().__init__()
         self.names = list(names)
         self.stride = stride
+        self.fused = fused
         self.live = [i for i, n in enumerate(self.names) if n != "none"]
         self.ops = nn.ModuleList(build[self.names[i]]() for i in self.live)
         self.slot = {k: s for s, k in enumerate(self.live)}  # weight index -> position in self.ops
         self.register_buffer("live_idx", torch.tensor(self.live, dtype=torch.long), persistent=False)
         self.mix = mix_fn(fused)
-        # Fused stride-1 edges with a bare pool: slots run as modules, then the pf codes of
-        # the rest, and the weight order that goes with them (see the module docstring).
-        self.param_slots: Optional[List[int]] = None
-        codes = [pf_code(op) if fused and stride == 1 else None for op in self.ops]
-        if any(c in (reference.PF_CODES["avg_pool_3x3"], reference.PF_CODES["max_pool_3x3"]) for c in codes):
-            self.param_slots = [s for s, c in enumerate(codes) if c is None]
-            pf_slots = [s for s, c in enumerate(codes) if c is not None]
-            self.pf_codes = [codes[s] for s in pf_slots]
-            order = [self.live[s] for s in self.param_slots + pf_slots]
-            self.register_buffer("pf_order", torch.tensor(order, dtype=torch.long), persistent=False)
+        # Fused path (see the module docstring): pf code per slot computed in the kernel, and
+        # the plan of every other slot. Plain python containers: the modules stay registered
+        # once, in self.ops.
+        self.pf_slots: Dict[int, int] = {}
+        self.plans: Dict[int, Plan] = {}
+        if fused:
+            codes = [pf_code(op) if stride == 1 else None for op in self.ops]
+            if any(c in (reference.PF_CODES["avg_pool_3x3"], reference.PF_CODES["max_pool_3x3"]) for c in codes):
+                self.pf_slots = {s: c for s, c in enumerate(codes) if c is not None}
+            self.plans = {s: plan(op) for s, op in enumerate(self.ops) if s not in self.pf_slots}
+        self._orders: Dict[tuple, torch.Tensor] = {}
 
     def _zero(self, x: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(x[:, :, ::self.stride, ::self.stride])
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, hard: Optional[int] = None) -> torch.Tensor:
-        """weights: this edge's row of mixing weights, one per name (none included);
-        hard: index of the only op to compute (GDAS), or None for the full mixture."""
-        if hard is not None:
+    def _index(self, order: List[int], device: torch.device) -> torch.Tensor:
+        key = (tuple(order), device)
+        if key not in self._orders:
+            self._orders[key] = torch.tensor(order, dtype=torch.long, device=device)
+        return self._orders[key]
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, hard: Union[int, Tuple[int, ...], None] = None
+                ) -> torch.Tensor:
+        """weights: this edge's row of mixing weights, one per name (none included). hard:
+        None, the full mixture; an int, the only op to compute (GDAS); a tuple of indices,
+        the ops still computed (--prune-below), mixed with their weights as usual."""
+        if isinstance(hard, int):
             chosen = self.ops[self.slot[hard]](x) if hard in self.slot else self._zero(x)
             others = weights.sum() - weights[hard]  # zero in value, carries the gradient
             return chosen * weights[hard] + others
-        if not self.live:
+        slots = list(range(len(self.ops))) if hard is None else [self.slot[k] for k in hard if k in self.slot]
+        if not slots:
             return self._zero(x)
-        if self.param_slots is not None:
-            w = weights.index_select(0, self.pf_order)
-            return ops.mixed_op_pf(x, [self.ops[s](x) for s in self.param_slots], w, self.pf_codes)
-        w = weights if len(self.live) == len(self.names) else weights.index_select(0, self.live_idx)
-        return self.mix([op(x) for op in self.ops], w)
+        if self.fused:
+            return self._fused(x, weights, slots)
+        if len(slots) == len(self.names):
+            w = weights
+        else:
+            w = weights.index_select(0, self._index([self.live[s] for s in slots], weights.device))
+        return self.mix([self.ops[s](x) for s in slots], w)
+
+    def _fused(self, x: torch.Tensor, weights: torch.Tensor, slots: List[int]) -> torch.Tensor:
+        relu = None
+        ys, zs, bns, codes = [], [], [], []
+        order_y, order_z, order_pf = [], [], []
+        for s in slots:
+            if s in self.pf_slots:
+                codes.append(self.pf_slots[s])
+                order_pf.append(self.live[s])
+                continue
+            p = self.plans[s]
+            h = x
+            if p.relu:
+                relu = F.relu(x) if relu is None else relu
+                h = relu
+            for m in p.body:
+                h = m(h)
+            if p.bn is not None and self._foldable(p.bn, bns):
+                zs.append(h)
+                bns.append(p.bn)
+                order_z.append(self.live[s])
+            else:
+                ys.append(h if p.bn is None else p.bn(h))
+                order_y.append(self.live[s])
+        order = order_y + order_z + order_pf
+        w = weights if order == list(range(len(self.names))) else weights.index_select(0, self._index(order, weights.device))
+        if zs:
+            return self._mix_bn(x, ys, zs, bns, w, codes)
+        if codes:
+            return ops.mixed_op_pf(x, ys, w, codes)
+        return ops.mixed_op(ys, w)
+
+    @staticmethod
+    def _foldable(bn: nn.BatchNorm2d, folded: List[nn.BatchNorm2d]) -> bool:
+        # One mixed_op_bn call takes one momentum / eps and running stats for all or none.
+        if not bn.training:
+            return False
+        if not folded:
+            return True
+        first = folded[0]
+        return (bn.eps, bn.momentum, bn.track_running_stats) == (first.eps, first.momentum, first.track_running_stats)
+
+    @staticmethod
+    def _mix_bn(x, ys, zs, bns, w, codes) -> torch.Tensor:
+        first = bns[0]
+        momentum = 0.0 if first.momentum is None else first.momentum
+        track = first.track_running_stats and first.running_mean is not None
+        if track:
+            # nn.BatchNorm2d.forward's bookkeeping: count the batch, and momentum=None means a
+            # cumulative average.
+            for bn in bns:
+                bn.num_batches_tracked.add_(1)
+            if first.momentum is None:
+                momentum = 1.0 / float(first.num_batches_tracked)
+        return mixed_op_bn(x, ys, zs, w, codes,
+                           [bn.running_mean for bn in bns] if track else [],
+                           [bn.running_var for bn in bns] if track else [], momentum, first.eps)
