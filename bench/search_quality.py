@@ -34,8 +34,10 @@ def run_search(method, seed, args, out):
     wall = time.perf_counter() - start
     with open(os.path.join(out, "result.json")) as f:
         res = json.load(f)
+    with open(os.path.join(out, "log.jsonl")) as f:
+        last = [json.loads(line) for line in f][-1]
     return {"method": method, "seed": seed, "genotype": res["genotype"], "cifar10": res["nb201"]["cifar10"],
-            "entropy": res["arch_entropy"], "wall_s": wall}
+            "entropy": res["arch_entropy"], "wall_s": wall, "last_img_s": last["images_per_s"]}
 
 
 def main():
@@ -67,17 +69,19 @@ def main():
     cmd = "python bench/search_quality.py " + " ".join(sys.argv[1:])
     lines = [f"### Search quality, `{args.preset}` ({dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC)",
              "", f"Machine: {machine()}, torch threads default. Command: `{cmd}`", "",
-             "| method | seed | CIFAR-10 test acc (NB201) | final mean entropy (nats) | wall s | genotype |",
-             "|---|---:|---:|---:|---:|---|"]
+             "| method | seed | CIFAR-10 test acc (NB201) | final mean entropy (nats) | wall s | last-epoch images/s | genotype |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['seed']} | {r['cifar10']:.2f} | {r['entropy']:.3f} | {r['wall_s']:.0f} | `{r['genotype']}` |")
+        lines.append(f"| {r['method']} | {r['seed']} | {r['cifar10']:.2f} | {r['entropy']:.3f} | {r['wall_s']:.0f} | "
+                     f"{r['last_img_s']:.0f} | `{r['genotype']}` |")
     for method in args.methods:
         accs = [r["cifar10"] for r in rows if r["method"] == method]
         ents = [r["entropy"] for r in rows if r["method"] == method]
         lines.append(f"| **{method} mean** | | **{statistics.mean(accs):.2f}** (min {min(accs):.2f}) | "
-                     f"{statistics.mean(ents):.3f} | {statistics.mean(r['wall_s'] for r in rows if r['method'] == method):.0f} | |")
+                     f"{statistics.mean(ents):.3f} | {statistics.mean(r['wall_s'] for r in rows if r['method'] == method):.0f} | "
+                     f"{statistics.median(r['last_img_s'] for r in rows if r['method'] == method):.0f} (median) | |")
     lines.append(f"| random arch (space without none, n={base['n']}) | | median {base['median']:.2f}, "
-                 f"p90 {base['p90']:.2f}, max {base['max']:.2f} | ln 4 = 1.386 | | |")
+                 f"p90 {base['p90']:.2f}, max {base['max']:.2f} | ln 4 = 1.386 | | | |")
     emit("\n".join(lines) + "\n", args.markdown_out)
 
 

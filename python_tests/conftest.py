@@ -293,3 +293,17 @@ def assert_close_tol(actual: torch.Tensor, expected: torch.Tensor, tol: Tol, wha
     torch.testing.assert_close(
         actual.double(), expected.double(), rtol=tol.rtol, atol=tol.atol, msg=lambda m: f"{what}: {m}"
     )
+
+
+def saved_storages(fn):
+    """(fn(), {storage data_ptr: nbytes}) of every tensor autograd saves while fn runs; each
+    storage counted once."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, seen

@@ -16,7 +16,7 @@ from torch import nn
 
 import gaea_ext
 from gaea_ext import reference
-from conftest import ACC_TOL, DEVICES, acc_dtype, dtype_params, randn, rounding_eps
+from conftest import ACC_TOL, DEVICES, acc_dtype, dtype_params, randn, rounding_eps, saved_storages
 
 SKIP, AVG, MAX = "skip_connect", "avg_pool_3x3", "max_pool_3x3"
 CL = "channels_last"
@@ -121,15 +121,7 @@ def test_running_stats_follow_nn_batchnorm():
 
 
 def _saved_bytes(fn):
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return seen
+    return saved_storages(fn)[1]
 
 
 def test_saves_inputs_and_statistics_not_normalized_outputs():

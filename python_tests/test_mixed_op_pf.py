@@ -26,6 +26,7 @@ from conftest import (
     dtype_params,
     poison,
     randn,
+    saved_storages,
 )
 
 SKIP, AVG, MAX = "skip_connect", "avg_pool_3x3", "max_pool_3x3"
@@ -572,25 +573,13 @@ def test_compile_aot_eager_fullgraph(dynamic, device):
 # --------------------------------------------------------------------------------------
 
 
-def _saved_storages(fn):
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, seen
-
-
 def test_saves_only_inputs():
     x = torch.randn(2, 4, 8, 8, requires_grad=True)
     ys = [torch.randn(2, 4, 8, 8, requires_grad=True) for _ in range(2)]
     w = torch.rand(5, requires_grad=True)
-    _, fused = _saved_storages(lambda: gaea_ext.mixed_op_pf(x, ys, w, [SKIP, AVG, MAX]))
+    _, fused = saved_storages(lambda: gaea_ext.mixed_op_pf(x, ys, w, [SKIP, AVG, MAX]))
     assert set(fused) == {t.untyped_storage().data_ptr() for t in (x, *ys, w)}
-    _, plain = _saved_storages(lambda: reference.mixed_op_pf(x, ys, w, [SKIP, AVG, MAX]))
+    _, plain = saved_storages(lambda: reference.mixed_op_pf(x, ys, w, [SKIP, AVG, MAX]))
     assert sum(plain.values()) > sum(fused.values())
 
 

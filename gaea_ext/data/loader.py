@@ -31,18 +31,16 @@ up to world_size - 1 images appear twice. All ranks always have the same number 
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import torch
 
 from .augment import crop_flip
+from .epochs import EpochLoader
 from .imageset import ImageSet
 from .seeding import generator
 
-_CHECKED_STATE = ("seed", "batch_size", "world_size", "num_images", "train", "drop_last", "pad")
-
-
-class Loader:
+class Loader(EpochLoader):
     """Batches of (x float32 [B, C, H, W] normalized, y int64 [B]) on ``device``.
 
     train: shuffle each epoch and augment (random crop after padding ``pad`` black pixels per
@@ -89,40 +87,12 @@ class Loader:
         self.position = 0  # batches of the current epoch already yielded
         self._shard: Optional[tuple[int, torch.Tensor]] = None
 
-    def __len__(self) -> int:
-        """Batches per epoch on this rank."""
-        return self._len
+    def _settings(self) -> dict:
+        return {"seed": self.seed, "batch_size": self.batch_size, "world_size": self.world_size,
+                "num_images": len(self.data), "train": self.train, "drop_last": self.drop_last, "pad": self.pad}
 
-    def set_epoch(self, epoch: int) -> None:
-        """Start epoch ``epoch`` from its first batch."""
-        self.epoch, self.position = int(epoch), 0
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.position >= self._len:  # finished but not closed (zip, next(iter(...)), break)
-            self.set_epoch(self.epoch + 1)
-        while self.position < self._len:
-            batch = self._batch(self.epoch, self.position)
-            self.position += 1
-            yield batch
-        self.set_epoch(self.epoch + 1)
-
-    def state_dict(self) -> dict:
-        """Where iteration stands: the epoch, the batches already yielded in it, and the
-        settings that must match for ``load_state_dict`` to resume exactly."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "batch_size": self.batch_size,
-                "world_size": self.world_size, "num_images": len(self.data), "train": self.train,
-                "drop_last": self.drop_last, "pad": self.pad}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume at ``state``'s next batch. ValueError if the loader's settings differ."""
-        mine = self.state_dict()
-        wrong = [f"{k}={state[k]!r} (this loader has {mine[k]!r})" for k in _CHECKED_STATE if k in state and state[k] != mine[k]]
-        if wrong:
-            raise ValueError("cannot resume exactly, the state was saved with " + ", ".join(wrong))
-        position = int(state["position"])
-        if not 0 <= position <= self._len:
-            raise ValueError(f"position {position} outside 0..{self._len}")
-        self.epoch, self.position = int(state["epoch"]), position
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._batch(self.epoch, self.position)
 
     def _indices(self, epoch: int) -> torch.Tensor:
         """This rank's image indices for ``epoch``, on the device."""

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from .epochs import EpochLoader
 from .errors import DataError
 from .folder_index import FolderIndex
 from .imagenet_aug import load_image
@@ -40,10 +41,6 @@ from .seeding import derive_seed, generator
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PCDARTS_JITTER = (0.4, 0.4, 0.4, 0.2)  # brightness, contrast, saturation, hue
-_CHECKED_STATE = ("seed", "batch_size", "world_size", "num_images", "train", "drop_last", "resolution",
-                  "flip", "jitter")
-
-
 class _Decode:
     """Map-style dataset of single images, keyed (index, epoch, rank, batch, position)."""
 
@@ -97,7 +94,7 @@ class _Batches:
             epoch, position = epoch + 1, 0
 
 
-class StreamLoader:
+class StreamLoader(EpochLoader):
     """Batches of (x float32 [B, 3, S, S] normalized, y int64 [B]) on ``device``, streamed from
     ``index`` (a FolderIndex, e.g. ``open_folder(root, "train").subset(w)``).
 
@@ -152,41 +149,11 @@ class StreamLoader:
     def num_classes(self) -> int:
         return self.index.num_classes
 
-    def __len__(self) -> int:
-        """Batches per epoch on this rank."""
-        return self._len
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start epoch ``epoch`` from its first batch."""
-        self.epoch, self.position = int(epoch), 0
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.position >= self._len:  # finished but not closed (zip, next(iter(...)), break)
-            self.set_epoch(self.epoch + 1)
-        while self.position < self._len:
-            batch = self._next_batch()
-            self.position += 1
-            yield batch
-        self.set_epoch(self.epoch + 1)
-
-    def state_dict(self) -> dict:
-        """The epoch, the batches already yielded in it, and the settings a resume must match."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "batch_size": self.batch_size,
-                "world_size": self.world_size, "num_images": len(self.index), "train": self.train,
-                "drop_last": self.drop_last, "resolution": self.resolution, "flip": self.flip,
+    def _settings(self) -> dict:
+        return {"seed": self.seed, "batch_size": self.batch_size, "world_size": self.world_size,
+                "num_images": len(self.index), "train": self.train, "drop_last": self.drop_last,
+                "resolution": self.resolution, "flip": self.flip,
                 "jitter": None if self.jitter is None else list(self.jitter)}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume at ``state``'s next batch. ValueError if the loader's settings differ."""
-        mine = self.state_dict()
-        wrong = [f"{k}={state[k]!r} (this loader has {mine[k]!r})" for k in _CHECKED_STATE
-                 if k in state and state[k] != mine[k]]
-        if wrong:
-            raise ValueError("cannot resume exactly, the state was saved with " + ", ".join(wrong))
-        position = int(state["position"])
-        if not 0 <= position <= self._len:
-            raise ValueError(f"position {position} outside 0..{self._len}")
-        self.epoch, self.position = int(state["epoch"]), position
 
     def shard(self, epoch: int) -> torch.Tensor:
         """This rank's image indices (into ``index``) for ``epoch``, in batch order."""
