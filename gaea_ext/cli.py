@@ -83,6 +83,8 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     a("--channels-last", action="store_const", const=True, help="NHWC memory layout")
     a("--prune-below", type=float, metavar="T",
       help="stop computing candidates whose weight fell below T on an edge (approximate; see README)")
+    a("--cuda-graphs", action="store_const", const=True,
+      help="record the whole search step as a CUDA graph and replay it (CUDA, one process)")
     a("--compile", nargs="?", const="inductor", metavar="BACKEND",
       help="run the supernet's forward through torch.compile (default backend inductor)")
     a("--workers", type=int, help="decode processes for streamed (ImageNet) data")
@@ -129,9 +131,11 @@ def _config(args) -> tuple[SearchConfig, Optional[str], bool]:
 
 def cmd_search(args) -> int:
     from gaea_ext.search import dist
-    from gaea_ext.search.loop import Search, genotype_str
+    from gaea_ext.search.loop import Search, genotype_str, pick_device
 
     cfg, out, resuming = _config(args)
+    if cfg.cuda_graphs and (pick_device(cfg.device).type != "cuda" or "WORLD_SIZE" in os.environ):
+        raise UserError("--cuda-graphs needs a CUDA device and a single process")
     state = rundir.load_checkpoint(os.path.join(out, "checkpoint.pt")) if resuming else None
     search = Search(cfg, out)
     try:

@@ -17,7 +17,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Precision:
-    def __init__(self, amp: Optional[str], device: torch.device, channels_last: bool = False):
+    def __init__(self, amp: Optional[str], device: torch.device, channels_last: bool = False,
+                 autocast_cache: bool = True):
         if amp is not None and amp not in DTYPES:
             raise ValueError(f"amp must be one of {', '.join(DTYPES)}, got {amp!r}")
         if amp is not None:
@@ -25,13 +26,14 @@ class Precision:
         self.amp, self.device = amp, device
         self.dtype = DTYPES.get(amp)
         self.channels_last = channels_last
+        self.autocast_cache = autocast_cache  # False under CUDA-graph capture, which needs it off
         fp16 = amp == "fp16"
         self.scaler = torch.amp.GradScaler(device.type, enabled=fp16) if fp16 else None
 
     def autocast(self):
         if self.dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=self.autocast_cache)
 
     def layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x

@@ -50,6 +50,7 @@ class SearchConfig:
     amp: Optional[str] = None  # "bf16" or "fp16" autocast
     channels_last: bool = False
     prune_below: float = 0.0  # skip candidates whose mixing weight is below this (0: never)
+    cuda_graphs: bool = False  # record the whole search step as a CUDA graph and replay it
     compile: Optional[str] = None  # torch.compile backend for the supernet's forward ("inductor", "aot_eager")
     workers: int = 4  # decode processes for streamed (ImageNet) data
     seed: int = 0
@@ -146,6 +147,13 @@ def validate(cfg: SearchConfig) -> None:
         raise ValueError(f"--prune-below must lie in [0, 1), got {cfg.prune_below}")
     if cfg.prune_below > 0 and cfg.method in ("gaea-gdas", "random"):
         raise ValueError(f"--prune-below does not apply to {cfg.method}: it computes one op per edge already")
+    if cfg.cuda_graphs:
+        if cfg.method in ("gaea-gdas", "random"):
+            raise ValueError(f"--cuda-graphs does not suit {cfg.method}: its step picks ops on the host")
+        for flag, bad in (("--prune-below", cfg.prune_below > 0), ("--amp fp16", cfg.amp == "fp16"),
+                          ("--compile", bool(cfg.compile))):
+            if bad:
+                raise ValueError(f"--cuda-graphs does not combine with {flag} (host-side decisions in the step)")
     if cfg.select not in ("last", "best-valid"):
         raise ValueError(f"--select must be last or best-valid, got {cfg.select!r}")
     if cfg.select == "best-valid" and not cfg.bilevel and cfg.subsets is None:

@@ -23,6 +23,7 @@ from gaea_ext.precision import Precision
 from gaea_ext.search import data as search_data
 from gaea_ext.search import dist, rundir
 from gaea_ext.search.config import SearchConfig
+from gaea_ext.search.graphs import GraphedStep
 from gaea_ext.search.methods import make_method
 from gaea_ext.search.prune import prune
 from gaea_ext.search.progress import Progress
@@ -90,10 +91,16 @@ class Search:
         # The supernet's forward through torch.compile (the module itself stays uncompiled, so
         # checkpoints and the --no-fused A/B are unchanged).
         self.forward = torch.compile(self.model, backend=cfg.compile) if cfg.compile else self.model
-        self.w_opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                     weight_decay=cfg.weight_decay)
+        # --cuda-graphs: the lr lives on the device (the scheduler fills it between epochs) and
+        # fused SGD reads it there, so the captured step never syncs with the host.
+        graphs = cfg.cuda_graphs
+        if graphs and self.world > 1:
+            raise ValueError("--cuda-graphs runs in a single process")
+        self.w_opt = torch.optim.SGD(self.model.parameters(), lr=self._lr(cfg.lr), momentum=cfg.momentum,
+                                     weight_decay=cfg.weight_decay, **({"fused": True} if graphs else {}))
+        self.graphed: Dict[tuple, GraphedStep] = {}  # step kind -> its captured step
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.w_opt, lr_factor(cfg))
-        self.prec = Precision(cfg.amp, self.device, cfg.channels_last)
+        self.prec = Precision(cfg.amp, self.device, cfg.channels_last, autocast_cache=not graphs)
         self.table = NB201Table.load(cfg.nb201) if cfg.nb201 and cfg.space == "nb201" else None
         self.best: Optional[Dict[str, Any]] = None  # best validation epoch, for select="best-valid"
         self.epoch = 0
@@ -122,6 +129,8 @@ class Search:
         if self.method.learns:
             self.method.optimizer.load_state_dict(s["arch_opt"])
         self.w_opt.load_state_dict(s["w_opt"])
+        for group in self.w_opt.param_groups:  # a loaded tensor lr may sit on another device
+            group["lr"] = self._lr(float(group["lr"]))
         self.sched.load_state_dict(s["sched"])
         self.loader_w.load_state_dict(s["loader_w"])
         self.loader_a.load_state_dict(s["loader_a"])
@@ -129,6 +138,9 @@ class Search:
         self.best = s.get("best")
         self.prec.load_state_dict(s.get("scaler"))
         set_rng_state(s["rng"])
+
+    def _lr(self, lr: float):
+        return torch.tensor(lr, device=self.device) if self.cfg.cuda_graphs else lr
 
     # -- steps ------------------------------------------------------------------------
     def next_arch_batch(self):
@@ -181,6 +193,23 @@ class Search:
             self.method.optimizer.step()
         return loss.detach().float(), (logits.argmax(1) == y).sum()
 
+    def step(self, same: bool, x, y, xa=None, ya=None):
+        """One search step: the architecture step on (xa, ya) if given, then the weight step
+        (which also steps the architecture when `same`); replayed from a CUDA graph with
+        --cuda-graphs."""
+        if not self.cfg.cuda_graphs:
+            if xa is not None:
+                self.arch_step(xa, ya)
+            return self.weight_step(x, y, arch_too=same)
+        key = (xa is not None, same)
+        if key not in self.graphed:
+            def whole(x, y, xa=None, ya=None):
+                if xa is not None:
+                    self.arch_step(xa, ya)
+                return self.weight_step(x, y, arch_too=same)
+            self.graphed[key] = GraphedStep(whole, capture=self.device.type == "cuda")
+        return self.graphed[key](*(t for t in (x, y, xa, ya) if t is not None))
+
     def train_epoch(self) -> Dict[str, float]:
         self.model.train()
         self.method.train()
@@ -193,9 +222,8 @@ class Search:
         arch = self.method.learns and self.epoch >= self.cfg.arch_warmup
         same = arch and self.cfg.arch_batch == "same"
         for x, y in self.loader_w:
-            if arch and not same:
-                self.arch_step(*self.next_arch_batch())
-            loss, right = self.weight_step(x, y, arch_too=same)
+            batch = (x, y, *self.next_arch_batch()) if arch and not same else (x, y)
+            loss, right = self.step(same, *batch)
             loss_sum += loss * len(y)
             correct += right
             seen += len(y)
@@ -248,7 +276,7 @@ class Search:
     def end_epoch(self, record: Dict[str, Any]) -> None:
         genotype = self.genotype()
         record.update(epoch=self.epoch, genotype=genotype, arch_entropy=self.method.entropy(),
-                      arch_weights=self.method.to_json(), lr=self.w_opt.param_groups[0]["lr"],
+                      arch_weights=self.method.to_json(), lr=float(self.w_opt.param_groups[0]["lr"]),
                       peak_mem_mb=peak_mem_mb(self.device))
         if "valid_acc" in record and (self.best is None or record["valid_acc"] > self.best["valid_acc"]):
             self.best = {"epoch": self.epoch, "valid_acc": record["valid_acc"], "genotype": genotype}
