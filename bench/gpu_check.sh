@@ -3,7 +3,8 @@
 # search/train step benchmarks (NB201, DARTS, PC-DARTS, GDAS, DARTS_V2 training).
 # For a machine with an NVIDIA GPU and torch already installed (no network needed):
 #   bash bench/gpu_check.sh            # writes bench/gpu_results/ (or $OUT when set)
-# Budget: about 7 minutes on an H200 (build ~2-3 min for one arch, tests ~1 min, bench ~3 min).
+# Budget: about 7 minutes on an H200 (build ~2-3 min for one arch, tests ~1 min, bench ~3 min)
+# plus the three 2-epoch search slices (PATHS="fused graphs" to run fewer).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${OUT:-bench/gpu_results}
@@ -32,11 +33,11 @@ $PY bench/kernels.py --device cuda --markdown-out "$OUTDIR/kernels_cuda.md" 2>&1
 echo "== search and train steps (papers' batch sizes), fused vs no-fused"
 $PY bench/search_speed.py --device cuda --steps 10 --warmup 3 --markdown-out "$OUTDIR/search_speed_cuda.md" 2>&1 | tail -30
 
-echo "== NB201 paper-cifar10 GAEA search: a timed slice of 2 of 25 epochs, fused and --no-fused"
+echo "== NB201 paper-cifar10 GAEA search: a timed slice of 2 of 25 epochs: fused, --no-fused, fused + --cuda-graphs"
 DATA=${DATA:-../shared/data/cifar10-jpeg.tar.gz}
 if [ -e "$DATA" ]; then
-  for path in fused no-fused; do
-    flag=$([ "$path" = no-fused ] && echo --no-fused || true)
+  for path in ${PATHS:-fused no-fused graphs}; do
+    case $path in no-fused) flag=--no-fused ;; graphs) flag=--cuda-graphs ;; *) flag= ;; esac
     rm -rf "$OUTDIR/paper-$path"
     $PY -m gaea_ext search --preset paper-cifar10 --data "$DATA" --stop-after 2 $flag --out "$OUTDIR/paper-$path" 2>&1 | grep -v "^ *[0-9]*%" | tail -3
     $PY - "$OUTDIR/paper-$path" "$path" <<'PYEOF'

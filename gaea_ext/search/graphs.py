@@ -54,7 +54,8 @@ class GraphedStep:
             torch.cuda.current_stream().wait_stream(side)
             return out
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: a data-loading thread touching CUDA meanwhile must not void the capture.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.out = self.step(*self.static)
         self.graph.replay()  # capture only records: this batch's step runs now
         return self.out
