@@ -21,10 +21,20 @@ lengths 2..5 normal/reduce, 10 tensors, float32):
   foreach     torch._foreach_* chain (foreach_eg_update_ below)
   ref-safe    gaea_ext.reference.eg_update_ (overflow-safe log-domain loop)
 
+NB201 edge (forward+backward of the edge's mix on x, z1, z2 = the two convolutions' outputs
+before their BatchNorm(affine=False), skip and avg_pool_3x3 of x; weights [z1, z2, skip, avg];
+BN without running statistics so every call is the same):
+  fused     gaea_ext.mixed_op_bn(x, [], [z1, z2], weights, (skip, avg))
+  eager     the DARTS expression sum(w * op) over [BN(z1), BN(z2), x, avg_pool(x)] (F.batch_norm)
+
 Bytes that must move (for GB/s), N = elements of one ys tensor, s = element size:
   mixed_op forward           (K+1)·N·s
   mixed_op forward+backward  (K+1)·N·s + (2K+1)·N·s
   eg_update_                 3 · (total elements) · s
+  NB201 edge fwd+bwd         17·N·s: forward reads z1, z2 for the statistics, then x, z1, z2
+                             and writes out (6N); backward reads g, x, z1, z2 for the weight
+                             gradients and BN sums, then g, x, z1, z2 again to write grad_x,
+                             grad_z1, grad_z2 (11N)
 """
 from __future__ import annotations
 
@@ -83,6 +93,14 @@ def eg_bytes(dtype: torch.dtype = torch.float32, shapes=EG_SHAPES) -> int:
 
 def mixed_group(device: str, dtype: torch.dtype, K: int, backward: bool) -> str:
     return f"mixed_op {'fwd+bwd' if backward else 'fwd'} {device} {DTYPE_NAMES[dtype]} K={K}"
+
+
+def edge_bytes(dtype: torch.dtype, shape=SHAPE) -> int:
+    return 17 * math.prod(shape) * elem_size(dtype)
+
+
+def edge_group(device: str, dtype: torch.dtype) -> str:
+    return f"nb201 edge fwd+bwd {device} {DTYPE_NAMES[dtype]}"
 
 
 def eg_group(device: str, dtype: torch.dtype = torch.float32) -> str:
@@ -266,6 +284,60 @@ def eg_case(device: str, dtype: torch.dtype = torch.float32,
     return case
 
 
+EDGE_CONTENDERS = ("fused", "eager")
+EDGE_PF = ("skip_connect", "avg_pool_3x3")
+
+
+def eager_edge(x: Tensor, zs: Sequence[Tensor], weights: Tensor) -> Tensor:
+    ys = [torch.nn.functional.batch_norm(z, None, None, training=True) for z in zs]
+    ys += [x, torch.nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False)]
+    return sum(w * y for w, y in zip(weights, ys))
+
+
+def fused_edge(x: Tensor, zs: Sequence[Tensor], weights: Tensor) -> Tensor:
+    return gaea_ext.mixed_op_bn(x, [], zs, weights, EDGE_PF)
+
+
+class EdgeInputs:
+    """x, z1, z2, weights and the upstream gradient of one NB201 edge, allocated once."""
+
+    def __init__(self, device: str, dtype: torch.dtype, seed: int = 0):
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.x, self.z1, self.z2 = [torch.randn(SHAPE, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+                                    for _ in range(3)]
+        self.weights = torch.softmax(torch.randn(4, generator=gen), 0).to(device).requires_grad_()
+        self.grad_out = torch.randn(SHAPE, generator=gen).to(device=device, dtype=dtype)
+
+    def step_fn(self, f: Callable) -> Callable[[], Any]:
+        x, zs, w, g = self.x, [self.z1, self.z2], self.weights, self.grad_out
+
+        def fwd_bwd():
+            out = f(x, zs, w)
+            return (out, *torch.autograd.grad(out, [x, *zs, w], g))
+
+        return fwd_bwd
+
+
+def edge_meta(device: str, dtype: torch.dtype) -> Case:
+    return Case(edge_group(device, dtype), "edge_fwdbwd", device, dtype, None, edge_bytes(dtype))
+
+
+def edge_case(device: str, dtype: torch.dtype, contenders: Sequence[str] = EDGE_CONTENDERS, warmup: int = 2) -> Case:
+    case = edge_meta(device, dtype)
+    inputs = EdgeInputs(device, dtype)
+    for name in contenders:
+        fn = inputs.step_fn(fused_edge if name == "fused" else eager_edge)
+        try:
+            fn()
+        except NotImplementedError as e:
+            case.contenders[name] = Contender(name, skip=f"fused kernel unavailable: {_first_line(e)}")
+            continue
+        for _ in range(warmup):
+            fn()
+        case.contenders[name] = Contender(name, fn)
+    return case
+
+
 def all_cases(device: str, warmup: int = 2, log: Callable[[str], None] = lambda s: None):
     """Every case for one device, in report order (built lazily: compiling takes a while)."""
     for backward in (False, True):
@@ -273,6 +345,9 @@ def all_cases(device: str, warmup: int = 2, log: Callable[[str], None] = lambda 
             for K in KS:
                 log(f"building {mixed_group(device, dtype, K, backward)}")
                 yield mixed_case(device, dtype, K, backward, warmup=warmup)
+    for dtype in mixed_dtypes(device):
+        log(f"building {edge_group(device, dtype)}")
+        yield edge_case(device, dtype, warmup=warmup)
     log(f"building {eg_group(device)}")
     yield eg_case(device, warmup=warmup)
 
@@ -330,4 +405,22 @@ def check_eg(device: str, dtype: torch.dtype = torch.float32) -> List[str]:
             if not torch.allclose(p.double(), w, rtol=1e-5, atol=1e-6):
                 err = (p.double() - w).abs().max().item()
                 problems.append(f"{name}: params[{i}] differs from the formula (max abs err {err:.3g})")
+    return problems
+
+
+def check_edge(device: str, dtype: torch.dtype, fns: Dict[str, Callable[[], Any]]) -> List[str]:
+    """Every edge contender (built on EdgeInputs(device, dtype)) vs float64 eager_edge."""
+    inputs = EdgeInputs(device, dtype)
+    leaves = [t.detach().double().requires_grad_() for t in (inputs.x, inputs.z1, inputs.z2, inputs.weights)]
+    with torch.enable_grad():
+        out = eager_edge(leaves[0], leaves[1:3], leaves[3])
+        want = [out, *torch.autograd.grad(out, leaves, inputs.grad_out.double())]
+    names = ["out", "grad_x", "grad_z1", "grad_z2", "grad_w"]
+    problems = []
+    for name, fn in fns.items():
+        for what, g, w in zip(names, fn(), want):
+            w = w.detach().to(g.device)
+            err = ((g.detach().double() - w).abs().max() / w.abs().max().clamp(min=1)).item()
+            if not err <= _tol(dtype):
+                problems.append(f"{name}: {what} differs from the float64 oracle (max error {err:.3g} of its magnitude)")
     return problems

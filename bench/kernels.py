@@ -4,7 +4,8 @@
     python bench/kernels.py --device cpu [--reps 30] [--markdown-out FILE]
 
 For each case (mixed_op forward and forward+backward on ys of shape 64x16x32x32, K=5 and
-K=8, float32 (and bf16 on CUDA); eg_update_ on the DARTS-sized architecture parameters) all
+K=8, float32 (and bf16 on CUDA); an NB201 edge's fused mixed_op_bn against its eager
+expression; eg_update_ on the DARTS-sized architecture parameters) all
 contenders are built once on shared, pre-allocated inputs (torch.compile contenders are
 compiled and warmed up here, outside any timing), then timed in one run: `--reps`
 repetitions, and in each repetition every contender once, in rotating order, so that drift
@@ -188,6 +189,8 @@ def main(argv=None) -> int:
         if case.kind.startswith("mixed"):
             problems += [f"{case.group}: {p}" for p in cases.check_mixed(
                 args.device, case.dtype, case.K, case.kind == "mixed_fwdbwd", fns)]
+        elif case.kind == "edge_fwdbwd":
+            problems += [f"{case.group}: {p}" for p in cases.check_edge(args.device, case.dtype, fns)]
         log(f"timing {case.group}: {', '.join(fns)} x {args.reps} reps")
         samples = time_interleaved(fns, args.device, args.reps, min_sample_s)
         med = {n: statistics.median(s) for n, s in samples.items()}

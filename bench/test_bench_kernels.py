@@ -77,3 +77,21 @@ def test_eg_update_darts(benchmark, device, contender):
         pytest.skip(c.skip)
     benchmark.extra_info.update(meta.extra_info(contender))
     benchmark(_timed(c.fn, device))
+
+
+EDGE_PARAMS = [pytest.param(device, dtype, id=f"{device}-{cases.DTYPE_NAMES[dtype]}",
+                            marks=pytest.mark.benchmark(group=cases.edge_group(device, dtype)))
+               for device in cases.devices() for dtype in cases.mixed_dtypes(device)]
+
+
+@pytest.mark.parametrize("contender", cases.EDGE_CONTENDERS)
+@pytest.mark.parametrize(("device", "dtype"), EDGE_PARAMS)
+def test_nb201_edge_fwd_bwd(benchmark, device, dtype, contender):
+    meta = cases.edge_meta(device, dtype)
+    c = cases.edge_case(device, dtype, contenders=(contender,)).contenders[contender]
+    if c.skip:
+        pytest.skip(c.skip)
+    problems = cases.check_edge(device, dtype, {contender: c.fn})
+    assert not problems, problems
+    benchmark.extra_info.update(meta.extra_info(contender))
+    benchmark(_timed(c.fn, device))
