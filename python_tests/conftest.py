@@ -11,7 +11,9 @@ __init__.py, so pytest puts this directory on sys.path.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import zlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -307,3 +309,15 @@ def saved_storages(fn):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return out, seen
+
+
+def run_result(out: str) -> dict:
+    """RUN_DIR/result.json of a finished `gaea search` or `gaea train`."""
+    with open(os.path.join(out, "result.json")) as f:
+        return json.load(f)
+
+
+def run_log(out: str) -> list:
+    """RUN_DIR/log.jsonl, one record per epoch."""
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]

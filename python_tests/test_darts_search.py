@@ -14,19 +14,13 @@ from gaea_ext.cli import main
 from gaea_ext.search.methods import DARTS, GAEA, GDAS, RandomArch
 from gaea_ext.spaces import DartsNetwork, genotypes
 from gaea_ext.spaces.darts_ops import PRIMITIVES
+from conftest import run_log, run_result
 
 TINY = ["--epochs", "2", "--channels", "4", "--cells", "3", "--batch-size", "32", "--train-images", "256",
         "--seed", "1"]
 
 
-def result(out):
-    with open(os.path.join(out, "result.json")) as f:
-        return json.load(f)
-
-
-def log(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+result, log = run_result, run_log
 
 
 def net(**kw):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gaea_ext.cli import main
+from conftest import run_log, run_result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLE = os.path.join(ROOT, "..", "shared", "data", "nb201-test-accuracy.csv")
@@ -22,14 +23,7 @@ def run(args):
     return main(["search", *args])
 
 
-def result(out):
-    with open(os.path.join(out, "result.json")) as f:
-        return json.load(f)
-
-
-def log(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+result, log = run_result, run_log
 
 
 @pytest.mark.parametrize("extra", [[], ["--bilevel"], ["--arch-batch", "same"], ["--no-fused"],

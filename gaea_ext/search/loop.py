@@ -290,8 +290,7 @@ class Search:
                       f"acc {record['train_acc']:.1f}{valid} entropy {record['arch_entropy']:.3f} "
                       f"{record['images_per_s']:.0f} img/s {genotype_str(genotype)}{bench}")
             if self.out:
-                rundir.append_log(os.path.join(self.out, "log.jsonl"), record)
-                rundir.save_checkpoint(os.path.join(self.out, "checkpoint.pt"), self.state_dict())
+                rundir.record_epoch(self.out, record, self.state_dict())
 
     def close(self) -> None:
         """Stop streamed loaders' decode processes (in-memory loaders have none)."""

@@ -97,3 +97,9 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     if not isinstance(state, dict) or "epoch" not in state:
         raise RunDirError(f"corrupt checkpoint {path}: not a gaea_ext search checkpoint")
     return state
+
+
+def record_epoch(out: str, record: Dict[str, Any], state: Dict[str, Any]) -> None:
+    """An epoch's end in RUN_DIR: its record appended to log.jsonl, then the checkpoint."""
+    append_log(os.path.join(out, "log.jsonl"), record)
+    save_checkpoint(os.path.join(out, "checkpoint.pt"), state)

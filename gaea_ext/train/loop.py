@@ -226,8 +226,7 @@ class Trainer:
                   f"train {record['train_top1']:.1f} test {record['test_top1']:.2f} (top-5 {record['test_top5']:.2f}) "
                   f"{record['images_per_s']:.0f} img/s")
         if self.out:
-            rundir.append_log(os.path.join(self.out, "log.jsonl"), record)
-            rundir.save_checkpoint(os.path.join(self.out, "checkpoint.pt"), self.state_dict())
+            rundir.record_epoch(self.out, record, self.state_dict())
 
     def finish(self) -> Dict[str, Any]:
         result = {"dataset": self.cfg.dataset, "seed": self.cfg.seed, "epochs_done": self.epoch,
