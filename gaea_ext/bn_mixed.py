@@ -24,13 +24,9 @@ import torch
 from torch import Tensor
 
 import gaea_ext.ops  # noqa: F401  (loads the extension and the mixed_op / mixed_op_pf registrations)
-from gaea_ext.reference import pf_code
+from gaea_ext.reference import _acc, pf_code
 
 __all__ = ["mixed_op_bn"]
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _channel_view(v: Tensor, z: Tensor) -> Tensor:

@@ -38,10 +38,6 @@ from gaea_ext import ops, reference
 from gaea_ext.bn_mixed import mixed_op_bn
 
 
-def mix_fn(fused: bool) -> Callable:
-    return ops.mixed_op if fused else reference.mixed_op
-
-
 def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
@@ -100,8 +96,6 @@ class MixedOp(nn.Module):
         self.live = [i for i, n in enumerate(self.names) if n != "none"]
         self.ops = nn.ModuleList(build[self.names[i]]() for i in self.live)
         self.slot = {k: s for s, k in enumerate(self.live)}  # weight index -> position in self.ops
-        self.register_buffer("live_idx", torch.tensor(self.live, dtype=torch.long), persistent=False)
-        self.mix = mix_fn(fused)
         # Fused path (see the module docstring): pf code per slot computed in the kernel, and
         # the plan of every other slot. Plain python containers: the modules stay registered
         # once, in self.ops.
@@ -141,7 +135,7 @@ class MixedOp(nn.Module):
             w = weights
         else:
             w = weights.index_select(0, self._index([self.live[s] for s in slots], weights.device))
-        return self.mix([self.ops[s](x) for s in slots], w)
+        return reference.mixed_op([self.ops[s](x) for s in slots], w)
 
     def _fused(self, x: torch.Tensor, weights: torch.Tensor, slots: List[int]) -> torch.Tensor:
         relu = None
