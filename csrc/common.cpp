@@ -196,6 +196,149 @@ PfBackward prepare_pf_backward(const at::Tensor& grad, const at::Tensor& x, at::
   return b;
 }
 
+// ---- mixed_op_bn -----------------------------------------------------------------------
+
+namespace {
+
+// Devices first, so a tensor on the wrong device gets this message, not a device guard's.
+void check_bn_devices(const char* op, const at::Tensor& x, at::TensorList ys, at::TensorList zs,
+                      const at::Tensor& weights, bool uses_x) {
+  const auto dev = zs[0].device();
+  if (uses_x) TORCH_CHECK(x.device() == dev, op, ": x is on ", x.device(), " but zs[0] is on ", dev);
+  for (size_t k = 0; k < ys.size(); ++k)
+    TORCH_CHECK(ys[k].device() == dev, op, ": ys[", k, "] is on ", ys[k].device(), " but zs[0] is on ", dev);
+  for (size_t j = 0; j < zs.size(); ++j)
+    TORCH_CHECK(zs[j].device() == dev, op, ": zs[", j, "] is on ", zs[j].device(), " but zs[0] is on ", dev);
+  TORCH_CHECK(weights.device() == dev, op, ": weights are on ", weights.device(), " but zs[0] is on ", dev);
+}
+
+void check_bn(const at::Tensor& x, at::TensorList ys, at::TensorList zs, const at::Tensor& weights,
+              at::IntArrayRef pf) {
+  TORCH_CHECK(!zs.empty(), "mixed_op_bn: zs is empty (use mixed_op / mixed_op_pf)");
+  check_bn_devices("mixed_op_bn", x, ys, zs, weights, !pf.empty());
+  const at::Tensor& z0 = zs[0];
+  TORCH_CHECK(z0.dim() == 3 || z0.dim() == 4, "mixed_op_bn: zs must be 3-D (N, C, L) or 4-D (N, C, H, W), got ",
+              z0.dim(), "-D with shape ", z0.sizes());
+  TORCH_CHECK(is_float_type(z0.scalar_type()), "mixed_op_bn: zs must be float32, float64, float16 or bfloat16, got ",
+              z0.scalar_type());
+  const int64_t K = static_cast<int64_t>(ys.size()), Z = static_cast<int64_t>(zs.size());
+  TORCH_CHECK(K + Z <= kMaxK, "mixed_op_bn: at most ", kMaxK, " ys and zs together are supported, got ", K + Z);
+  for (const at::TensorList list : {ys, zs}) {
+    const char* name = list.data() == zs.data() ? "zs" : "ys";
+    for (size_t k = 0; k < list.size(); ++k) {
+      TORCH_CHECK(list[k].sizes() == z0.sizes(), "mixed_op_bn: ", name, "[", k, "] has shape ", list[k].sizes(),
+                  " but zs[0] has shape ", z0.sizes());
+      TORCH_CHECK(list[k].scalar_type() == z0.scalar_type(), "mixed_op_bn: ", name, "[", k, "] has dtype ",
+                  list[k].scalar_type(), " but zs[0] has dtype ", z0.scalar_type());
+    }
+  }
+  if (!pf.empty()) {
+    std::vector<at::Tensor> all(ys.begin(), ys.end());
+    all.insert(all.end(), zs.begin(), zs.end());
+    check_pf(x, all, weights, pf);  // shapes, codes, weights' length K + Z + P
+    return;
+  }
+  TORCH_CHECK(weights.dim() == 1 && weights.size(0) == K + Z, "mixed_op_bn: weights must be 1-D of length ",
+              K + Z, " (", K, " ys, ", Z, " zs), got shape ", weights.sizes());
+  TORCH_CHECK(weights.scalar_type() == at::kFloat || weights.scalar_type() == z0.scalar_type(),
+              "mixed_op_bn: weights must be float32 or the zs dtype (", z0.scalar_type(), "), got ",
+              weights.scalar_type());
+}
+
+at::MemoryFormat bn_format(const at::Tensor& x, at::TensorList ys, at::TensorList zs, bool uses_x) {
+  std::vector<at::Tensor> all;
+  if (uses_x) all.push_back(x);
+  all.insert(all.end(), ys.begin(), ys.end());
+  all.insert(all.end(), zs.begin(), zs.end());
+  return common_format(all);
+}
+
+BnChannels bn_channels(const at::Tensor& z, at::MemoryFormat fmt) {
+  BnChannels c;
+  c.C = z.size(1);
+  for (int64_t d = 2; d < z.dim(); ++d) c.S *= z.size(d);
+  c.M = z.size(0) * c.S;
+  c.cl = fmt == at::MemoryFormat::ChannelsLast;
+  return c;
+}
+
+}  // namespace
+
+BnForward prepare_bn_forward(const at::Tensor& x, at::TensorList ys, at::TensorList zs,
+                             const at::Tensor& weights, at::IntArrayRef pf, at::TensorList running_means,
+                             at::TensorList running_vars, at::TensorList batches_tracked) {
+  check_bn(x, ys, zs, weights, pf);
+  const int64_t Z = static_cast<int64_t>(zs.size());
+  TORCH_CHECK(running_means.size() == running_vars.size() &&
+                  (running_means.empty() || static_cast<int64_t>(running_means.size()) == Z),
+              "mixed_op_bn: give running_means and running_vars for every z, or none");
+  TORCH_CHECK(batches_tracked.empty() || static_cast<int64_t>(batches_tracked.size()) == Z,
+              "mixed_op_bn: give batches_tracked for every z, or none");
+  const at::Tensor& z0 = zs[0];
+  const int64_t C = z0.size(1);
+  for (size_t j = 0; j < running_means.size(); ++j)
+    for (const at::Tensor& r : {running_means[j], running_vars[j]}) {
+      TORCH_CHECK(r.device() == z0.device(), "mixed_op_bn: running stats are on ", r.device(), " but zs[0] is on ",
+                  z0.device());
+      TORCH_CHECK(r.dim() == 1 && r.size(0) == C, "mixed_op_bn: running stats must have shape [", C, "], got ",
+                  r.sizes());
+      TORCH_CHECK(r.scalar_type() == acc_type(z0.scalar_type()) || r.scalar_type() == z0.scalar_type(),
+                  "mixed_op_bn: running stats must be ", acc_type(z0.scalar_type()), " or the zs dtype, got ",
+                  r.scalar_type());
+      TORCH_CHECK(r.is_contiguous(), "mixed_op_bn: running stats must be contiguous");
+    }
+  for (const at::Tensor& n : batches_tracked)
+    TORCH_CHECK(n.device() == z0.device() && n.scalar_type() == at::kLong && n.numel() == 1,
+                "mixed_op_bn: batches_tracked must be one-element int64 tensors on zs' device");
+  TORCH_CHECK(z0.numel() > 0, "mixed_op_bn: zs are empty tensors; batch norm needs at least one value per channel");
+  const bool uses_x = !pf.empty();
+  const auto fmt = bn_format(x, ys, zs, uses_x);
+  BnForward f;
+  if (uses_x) f.x = x.contiguous(fmt);
+  f.ys = dense_in(ys, fmt);
+  f.zs = dense_in(zs, fmt);
+  f.w = acc_weights(weights, z0.scalar_type());
+  f.out = at::empty(z0.sizes(), z0.options().memory_format(fmt));
+  f.pf = pf.vec();
+  f.geo = pf_geometry(uses_x ? x : z0, fmt);
+  f.ch = bn_channels(z0, fmt);
+  return f;
+}
+
+BnBackward prepare_bn_backward(const at::Tensor& grad, const at::Tensor& x, at::TensorList ys, at::TensorList zs,
+                               const at::Tensor& weights, at::IntArrayRef pf, const at::Tensor& stats,
+                               const c10::List<bool>& ys_mask, const c10::List<bool>& zs_mask, bool x_grad) {
+  check_bn(x, ys, zs, weights, pf);
+  const at::Tensor& z0 = zs[0];
+  TORCH_CHECK(ys_mask.size() == ys.size() && zs_mask.size() == zs.size(),
+              "mixed_op_bn_backward: ys_mask / zs_mask must have one entry per ys / zs");
+  TORCH_CHECK(grad.sizes() == z0.sizes() && grad.scalar_type() == z0.scalar_type() && grad.device() == z0.device(),
+              "mixed_op_bn_backward: grad must match zs in shape, dtype and device");
+  const int64_t Z = static_cast<int64_t>(zs.size());
+  TORCH_CHECK(stats.dim() == 3 && stats.size(0) == Z && stats.size(1) == 2 && stats.size(2) == z0.size(1) &&
+                  stats.scalar_type() == acc_type(z0.scalar_type()) && stats.device() == z0.device(),
+              "mixed_op_bn_backward: stats must be [Z, 2, C] in the accumulation type, as mixed_op_bn returns it");
+  const bool uses_x = !pf.empty();
+  const auto fmt = bn_format(x, ys, zs, uses_x);
+  BnBackward b;
+  if (uses_x) b.x = x.contiguous(fmt);
+  b.ys = dense_in(ys, fmt);
+  b.zs = dense_in(zs, fmt);
+  b.w = acc_weights(weights, z0.scalar_type());
+  b.grad = grad.contiguous(fmt);
+  b.stats = stats.contiguous();
+  b.pf = pf.vec();
+  b.geo = pf_geometry(uses_x ? x : z0, fmt);
+  b.ch = bn_channels(z0, fmt);
+  const auto opts = z0.options().memory_format(fmt);
+  for (size_t k = 0; k < ys.size(); ++k)
+    if (ys_mask.get(k)) b.grad_ys.push_back(at::empty(z0.sizes(), opts));
+  for (size_t j = 0; j < zs.size(); ++j)
+    if (zs_mask.get(j)) b.grad_zs.push_back(at::empty(z0.sizes(), opts));
+  b.grad_x = (x_grad && uses_x) ? at::empty(x.sizes(), opts) : at::empty({0}, z0.options());
+  return b;
+}
+
 void check_eg_update(at::TensorList params, at::TensorList grads,
                      const c10::optional<at::Tensor>& lr_tensor, double eps) {
   TORCH_CHECK(!params.empty(), "eg_update_: params is an empty list");

@@ -73,6 +73,40 @@ PfBackward prepare_pf_backward(const at::Tensor& grad, const at::Tensor& x, at::
                                const at::Tensor& weights, at::IntArrayRef pf,
                                const c10::List<bool>& ys_mask, bool x_grad);
 
+// ---- mixed_op_bn: candidates ending in BatchNorm(affine=False), normalized inside ------
+
+// Where a BN channel lives in the dense layout: element i belongs to channel
+// cl ? i % C : (i / S) % C, S the spatial size (product of dims 2..).
+struct BnChannels {
+  int64_t C = 0, S = 1, M = 0;  // M = elements per channel (batch * S)
+  bool cl = false;
+};
+
+struct BnForward {
+  at::Tensor x;                      // undefined unless pf is not empty
+  std::vector<at::Tensor> ys, zs;
+  at::Tensor w, out;
+  std::vector<int64_t> pf;
+  PfGeometry geo;                    // of the output (x's when pf is not empty)
+  BnChannels ch;
+};
+BnForward prepare_bn_forward(const at::Tensor& x, at::TensorList ys, at::TensorList zs,
+                             const at::Tensor& weights, at::IntArrayRef pf, at::TensorList running_means,
+                             at::TensorList running_vars, at::TensorList batches_tracked);
+
+struct BnBackward {
+  at::Tensor x, grad, w, stats;      // stats: [Z, 2, C] acc type, contiguous
+  std::vector<at::Tensor> ys, zs;
+  std::vector<int64_t> pf;
+  PfGeometry geo;
+  BnChannels ch;
+  std::vector<at::Tensor> grad_ys, grad_zs;  // one per true mask entry, in order
+  at::Tensor grad_x;                         // empty unless x_grad and pf is not empty
+};
+BnBackward prepare_bn_backward(const at::Tensor& grad, const at::Tensor& x, at::TensorList ys, at::TensorList zs,
+                               const at::Tensor& weights, at::IntArrayRef pf, const at::Tensor& stats,
+                               const c10::List<bool>& ys_mask, const c10::List<bool>& zs_mask, bool x_grad);
+
 void check_eg_update(at::TensorList params, at::TensorList grads,
                      const c10::optional<at::Tensor>& lr_tensor, double eps);
 

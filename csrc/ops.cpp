@@ -23,6 +23,26 @@ TORCH_LIBRARY(gaea, m) {
   m.def(
       "mixed_op_pf_backward(Tensor grad, Tensor x, Tensor[] ys, Tensor weights, int[] pf,"
       " bool[] ys_mask, bool x_grad=True, bool weights_grad=True) -> (Tensor[], Tensor, Tensor)");
+  // The mixture when some candidates end in BatchNorm(affine=False), train mode: out =
+  // sum_k w[k] ys[k] + sum_j w[K + j] BN(zs[j]) + sum_p w[K + Z + p] pf_p(x). Batch statistics
+  // over all dims but 1; stats = [Z, 2, C] (mean, 1/sqrt(var + eps)) in the accumulation type,
+  // which is all backward needs besides zs (the normalized outputs are never written). When
+  // running stats are given (one pair per z) they are updated in place as nn.BatchNorm2d does
+  // (unbiased variance) with factor `momentum`, or with 1/num_batches_tracked when momentum
+  // is None; batches_tracked (0-d int64, one per z, or empty) is incremented in place first.
+  // x is read only for pf (then every y and z has x's shape); with pf empty the edge may
+  // change shape (stride 2) and x is ignored.
+  m.def(
+      "mixed_op_bn(Tensor x, Tensor[] ys, Tensor[] zs, Tensor weights, int[] pf,"
+      " Tensor(a!)[] running_means, Tensor(b!)[] running_vars, Tensor(c!)[] batches_tracked,"
+      " float? momentum, float eps) -> (Tensor, Tensor)");
+  // One reduction pass (per channel: sum grad, sum grad * (z_j - mean_j)), one elementwise pass
+  // writing grad_ys (where ys_mask), grad_zs (where zs_mask; the BN backward), the pf part of
+  // grad_x (empty unless x_grad and pf) and grad_weights (zero unless weights_grad).
+  m.def(
+      "mixed_op_bn_backward(Tensor grad, Tensor x, Tensor[] ys, Tensor[] zs, Tensor weights,"
+      " int[] pf, Tensor stats, bool[] ys_mask, bool[] zs_mask, bool x_grad, bool weights_grad)"
+      " -> (Tensor[], Tensor[], Tensor, Tensor)");
   // Exponentiated-gradient step on every row of every param, in place. lr_tensor, when
   // given, overrides lr and is read on the device (CUDA-graph capturable). Returns the
   // number of rows left unchanged because their grad (or param) was not finite.

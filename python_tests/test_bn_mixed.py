@@ -155,8 +155,9 @@ def test_opcheck(device):
         rms, rvs = _running(case, torch.float32, device)
         for t in (x, *ys, *zs, w):
             t.requires_grad_()
+        nbt = [torch.zeros((), dtype=torch.long, device=device) for _ in rms]
         torch.library.opcheck(torch.ops.gaea.mixed_op_bn, (x, ys, zs, w, [reference.pf_code(p) for p in case.pf],
-                                                            rms, rvs, case.momentum, 1e-5))
+                                                            rms, rvs, nbt, case.momentum, 1e-5))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -35,6 +35,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -235,7 +236,12 @@ struct Args {
   int64_t K;
   const int64_t* pf;
   int64_t npf;
-  const acc_t* w;  // K + npf
+  const acc_t* w;  // K + Z + npf: ys, then zs, then pf
+  // mixed_op_bn: Z inputs of BatchNorm(affine=False) and their statistics
+  const T* const* zs;   // Z pointers
+  int64_t Z;
+  const acc_t* stats;   // [Z, 2, C]: mean, invstd
+  BnChannels ch;
   Geo g;
   const acc_t* count;  // [N]: elements in each element's 3x3 window (avg pool only)
   // forward
@@ -244,6 +250,9 @@ struct Args {
   const T* grad;
   T* const* gys;  // K pointers, null where not wanted
   T* gx;          // null unless wanted
+  T* const* gzs;  // Z pointers, null where not wanted
+  const acc_t* gmean;  // [C]: sum of grad over the channel / M
+  const acc_t* gcoef;  // [Z, C]: invstd_j * sum(grad * (z_j - mean_j)) / M
   bool dots;
   acc_t* partials;  // [chunk, K + npf]
 };
@@ -251,6 +260,112 @@ struct Args {
 template <typename acc_t>
 GAEA_AI const acc_t* pf_term(int64_t code, const Scratch<acc_t>& s) {
   return code == kPfSkip ? s.xa : code == kPfAvgPool ? s.avg : s.mx;
+}
+
+// ---- BatchNorm terms: per-channel constants over one image's flat range -----------------
+// An image is whole pixels (channels_last: C interleaved channels each) or a run of
+// (N, C, S)-ordered elements, so a channel is constant over runs of at most S elements.
+
+// Calls f(i, e, c) for the runs [i, e) of image elements (flat offset off) in channel c,
+// contiguous layouts only.
+template <typename F>
+GAEA_AI void channel_runs(int64_t off, int64_t N, const BnChannels& ch, F&& f) {
+  for (int64_t i = 0; i < N;) {
+    const int64_t q = (off + i) / ch.S;
+    const int64_t e = std::min(N, (q + 1) * ch.S - off);
+    f(i, e, q % ch.C);
+    i = e;
+  }
+}
+
+// o (+)= w * (z - mean) * invstd, o the image's accumulator, z the tensor's base pointer.
+template <typename T, typename acc_t>
+GAEA_AI void bn_axpy(acc_t* o, acc_t w, const T* z, const acc_t* mean, const acc_t* invstd, int64_t off,
+                     int64_t N, const BnChannels& ch, bool first) {
+  z += off;
+  if (ch.cl) {
+    const int64_t C = ch.C;
+    for (int64_t p = 0; p < N; p += C)
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t v = w * ((static_cast<acc_t>(z[p + c]) - mean[c]) * invstd[c]);
+        o[p + c] = first ? v : o[p + c] + v;
+      }
+    return;
+  }
+  channel_runs(off, N, ch, [&](int64_t i, int64_t e, int64_t c) {
+    const acc_t m = mean[c], s = invstd[c];
+    if (first)
+      for (; i < e; ++i) o[i] = w * ((static_cast<acc_t>(z[i]) - m) * s);
+    else
+      for (; i < e; ++i) o[i] += w * ((static_cast<acc_t>(z[i]) - m) * s);
+  });
+}
+
+// Per-channel sums of one image into row ([1 + Z, C]): sum(g), sum(g * (z_j - mean_j)).
+template <typename T, typename acc_t>
+GAEA_AI void bn_reduce(const acc_t* ga, const Args<T, acc_t>& a, int64_t off, int64_t N, acc_t* row) {
+  const BnChannels& ch = a.ch;
+  const int64_t C = ch.C;
+  if (ch.cl) {
+    for (int64_t p = 0; p < N; p += C)
+      for (int64_t c = 0; c < C; ++c) row[c] += ga[p + c];
+    for (int64_t j = 0; j < a.Z; ++j) {
+      const T* z = a.zs[j] + off;
+      const acc_t* mean = a.stats + j * 2 * C;
+      acc_t* r = row + (1 + j) * C;
+      for (int64_t p = 0; p < N; p += C)
+        for (int64_t c = 0; c < C; ++c) r[c] += ga[p + c] * (static_cast<acc_t>(z[p + c]) - mean[c]);
+    }
+    return;
+  }
+  channel_runs(off, N, ch, [&](int64_t i, int64_t e, int64_t c) {
+    acc_t lanes[kLanes] = {};
+    int64_t q = i;
+    for (; q + kLanes <= e; q += kLanes)
+      for (int l = 0; l < kLanes; ++l) lanes[l] += ga[q + l];
+    for (int l = 0; q < e; ++q, ++l) lanes[l] += ga[q];
+    for (int width = kLanes / 2; width > 0; width /= 2)
+      for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+    row[c] += lanes[0];
+    for (int64_t j = 0; j < a.Z; ++j) {
+      const T* z = a.zs[j] + off;
+      const acc_t m = a.stats[j * 2 * C + c];
+      acc_t acc[kLanes] = {};
+      q = i;
+      for (; q + kLanes <= e; q += kLanes)
+        for (int l = 0; l < kLanes; ++l) acc[l] += ga[q + l] * (static_cast<acc_t>(z[q + l]) - m);
+      for (int l = 0; q < e; ++q, ++l) acc[l] += ga[q] * (static_cast<acc_t>(z[q]) - m);
+      for (int width = kLanes / 2; width > 0; width /= 2)
+        for (int l = 0; l < width; ++l) acc[l] += acc[l + width];
+      row[(1 + j) * C + c] += acc[0];
+    }
+  });
+}
+
+// grad_z = w * invstd * (g - mean(g) - y * mean(g * y)), y = (z - mean) * invstd recomputed:
+// the batch-norm backward of grad_y = w * g, with the channel means from bn_reduce.
+template <typename T, typename acc_t>
+GAEA_AI void bn_grad(const acc_t* ga, const Args<T, acc_t>& a, int64_t j, int64_t off, int64_t N) {
+  const BnChannels& ch = a.ch;
+  const int64_t C = ch.C;
+  const acc_t w = a.w[a.K + j];
+  const acc_t* mean = a.stats + j * 2 * C;
+  const acc_t* invstd = mean + C;
+  const acc_t* coef = a.gcoef + j * C;
+  const T* z = a.zs[j] + off;
+  T* gz = a.gzs[j] + off;
+  if (ch.cl) {
+    for (int64_t p = 0; p < N; p += C)
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t y = (static_cast<acc_t>(z[p + c]) - mean[c]) * invstd[c];
+        gz[p + c] = static_cast<T>((w * invstd[c]) * (ga[p + c] - a.gmean[c] - y * coef[c]));
+      }
+    return;
+  }
+  channel_runs(off, N, ch, [&](int64_t i, int64_t e, int64_t c) {
+    const acc_t m = mean[c], s = invstd[c], ws = w * s, gm = a.gmean[c], k = coef[c];
+    for (; i < e; ++i) gz[i] = static_cast<T>(ws * (ga[i] - gm - ((static_cast<acc_t>(z[i]) - m) * s) * k));
+  });
 }
 
 template <typename T, typename acc_t>
@@ -266,9 +381,14 @@ GAEA_AI void forward_images(const Args<T, acc_t>& a, PfFlags f, int64_t ib, int6
       divide_by_count(s.avg, a.count, N);
     }
     if (f.max) box_max<acc_t, false>(s.xa, s.tmp, nullptr, s.mx, nullptr, g);
-    // Candidates in weight order: ys, then pf.
+    // Candidates in weight order: ys, then zs, then pf.
     for (int64_t k = 0; k < a.K; ++k) axpy(s.o, a.w[k], a.ys[k] + off, N, k == 0);
-    for (int64_t j = 0; j < a.npf; ++j) axpy(s.o, a.w[a.K + j], pf_term(a.pf[j], s), N, a.K + j == 0);
+    for (int64_t j = 0; j < a.Z; ++j) {
+      const acc_t* mean = a.stats + j * 2 * a.ch.C;
+      bn_axpy(s.o, a.w[a.K + j], a.zs[j], mean, mean + a.ch.C, off, N, a.ch, a.K + j == 0);
+    }
+    const int64_t KZ = a.K + a.Z;
+    for (int64_t j = 0; j < a.npf; ++j) axpy(s.o, a.w[KZ + j], pf_term(a.pf[j], s), N, KZ + j == 0);
     T* out = a.out + off;
     for (int64_t i = 0; i < N; ++i) out[i] = static_cast<T>(s.o[i]);
   }
@@ -288,6 +408,9 @@ GAEA_AI void backward_images(const Args<T, acc_t>& a, PfFlags f, int64_t ib, int
         const acc_t wk = a.w[k];
         for (int64_t i = 0; i < N; ++i) gy[off + i] = static_cast<T>(wk * s.ga[i]);
       }
+    for (int64_t j = 0; j < a.Z; ++j)
+      if (a.gzs[j] != nullptr) bn_grad(s.ga, a, j, off, N);
+    const int64_t KZ = a.K + a.Z;
     if (need_x) {
       for (int64_t i = 0; i < N; ++i) s.xa[i] = static_cast<acc_t>(a.x[off + i]);
       if (f.avg && a.dots) {
@@ -303,12 +426,12 @@ GAEA_AI void backward_images(const Args<T, acc_t>& a, PfFlags f, int64_t ib, int
     }
     if (a.dots) {
       for (int64_t k = 0; k < a.K; ++k) part[k] += dot(s.ga, a.ys[k] + off, N);
-      for (int64_t j = 0; j < a.npf; ++j) part[a.K + j] += dot(s.ga, pf_term(a.pf[j], s), N);
+      for (int64_t j = 0; j < a.npf; ++j) part[KZ + j] += dot(s.ga, pf_term(a.pf[j], s), N);
     }
     if (a.gx == nullptr) continue;
     // grad_x = sum_j w_j * (pf_j's vector-Jacobian product with grad), in pf order.
     for (int64_t j = 0; j < a.npf; ++j) {
-      const acc_t wj = a.w[a.K + j];
+      const acc_t wj = a.w[KZ + j];
       const bool first = j == 0;
       if (a.pf[j] == kPfSkip) {
         axpy(s.o, wj, s.ga, N, first);
@@ -461,9 +584,204 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> mixed_op_pf_backward
   return {bw.grad_ys, bw.grad_x, grad_w.to(weights.scalar_type())};
 }
 
+// ---- mixed_op_bn -----------------------------------------------------------------------
+// The same engine with Z BatchNorm inputs. The batch statistics and the running-stat update
+// are aten's own CPU routine (batch_norm_update_stats, the one nn.BatchNorm2d's forward runs),
+// so running statistics stay bit-equal to the module's; the normalized outputs are folded
+// into the mix (forward) and recomputed from z (backward), never written. Backward is one
+// reduction pass (per-channel sums of grad and grad * (z - mean), fixed chunks summed in chunk
+// order) and the engine's elementwise pass, which also writes the BN input gradients.
+
+std::tuple<at::Tensor, at::Tensor> mixed_op_bn_cpu(const at::Tensor& x, at::TensorList ys, at::TensorList zs,
+                                                   const at::Tensor& weights, at::IntArrayRef pf,
+                                                   at::TensorList running_means, at::TensorList running_vars,
+                                                   at::TensorList batches_tracked, c10::optional<double> momentum,
+                                                   double eps) {
+  const BnForward fw = prepare_bn_forward(x, ys, zs, weights, pf, running_means, running_vars, batches_tracked);
+  const int64_t Z = static_cast<int64_t>(fw.zs.size()), C = fw.ch.C;
+  const auto acc = acc_type(fw.out.scalar_type());
+  at::Tensor stats = at::empty({Z, 2, C}, fw.out.options().dtype(acc).memory_format(at::MemoryFormat::Contiguous));
+  const bool running = !running_means.empty();
+  for (int64_t j = 0; j < Z; ++j) {
+    // nn.BatchNorm2d.forward: count the batch, then the factor is momentum, or the
+    // cumulative average 1 / num_batches_tracked when momentum is None.
+    double factor = 0.0;
+    if (!batches_tracked.empty()) {
+      int64_t* n = batches_tracked[j].mutable_data_ptr<int64_t>();
+      *n += 1;
+      if (!momentum.has_value()) factor = 1.0 / static_cast<double>(*n);
+    }
+    if (momentum.has_value()) factor = *momentum;
+    c10::optional<at::Tensor> rm, rv;
+    if (running) rm = running_means[j], rv = running_vars[j];
+    auto mv = at::batch_norm_update_stats(fw.zs[j], rm, rv, factor);
+    at::Tensor mean = std::get<0>(mv).to(acc).contiguous(), var = std::get<1>(mv).to(acc).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(acc, "mixed_op_bn_stats_cpu", [&] {
+      scalar_t* st = stats.mutable_data_ptr<scalar_t>() + j * 2 * C;
+      const scalar_t* m = mean.const_data_ptr<scalar_t>();
+      const scalar_t* v = var.const_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c) {
+        st[c] = m[c];
+        st[C + c] = scalar_t(1) / std::sqrt(v[c] + static_cast<scalar_t>(eps));
+      }
+    });
+  }
+  const Geo g = geo_of(fw.geo);
+  const PfFlags f = flags_of(fw.pf);
+  const int64_t per = images_per_chunk(g);
+  const int64_t nchunks = (fw.geo.images + per - 1) / per;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, fw.out.scalar_type(), "mixed_op_bn_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<const scalar_t*> yp, zp;
+    for (const auto& y : fw.ys) yp.push_back(y.const_data_ptr<scalar_t>());
+    for (const auto& z : fw.zs) zp.push_back(z.const_data_ptr<scalar_t>());
+    Args<scalar_t, acc_t> a{};
+    a.x = fw.x.defined() ? fw.x.const_data_ptr<scalar_t>() : nullptr;
+    a.ys = yp.data();
+    a.K = static_cast<int64_t>(yp.size());
+    a.zs = zp.data();
+    a.Z = Z;
+    a.stats = stats.const_data_ptr<acc_t>();
+    a.ch = fw.ch;
+    a.pf = fw.pf.data();
+    a.npf = static_cast<int64_t>(fw.pf.size());
+    a.w = fw.w.const_data_ptr<acc_t>();
+    a.g = g;
+    a.out = fw.out.mutable_data_ptr<scalar_t>();
+    const auto count = window_counts<acc_t>(g, f.avg);
+    a.count = count.data();
+    at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+      Scratch<acc_t> s(g.N);
+      const int64_t ib = cb * per, ie = std::min(fw.geo.images, ce * per);
+      cpu_has_avx2() ? forward_avx2(a, f, ib, ie, s) : forward_base(a, f, ib, ie, s);
+    });
+  });
+  return {fw.out, stats};
+}
+
+namespace {
+
+template <typename T, typename acc_t>
+GAEA_TARGET_AVX2 void bn_reduce_avx2(const Args<T, acc_t>& a, int64_t ib, int64_t ie, acc_t* row, acc_t* ga) {
+  for (int64_t img = ib; img < ie; ++img) {
+    const int64_t off = img * a.g.N;
+    for (int64_t i = 0; i < a.g.N; ++i) ga[i] = static_cast<acc_t>(a.grad[off + i]);
+    bn_reduce(ga, a, off, a.g.N, row);
+  }
+}
+template <typename T, typename acc_t>
+void bn_reduce_base(const Args<T, acc_t>& a, int64_t ib, int64_t ie, acc_t* row, acc_t* ga) {
+  for (int64_t img = ib; img < ie; ++img) {
+    const int64_t off = img * a.g.N;
+    for (int64_t i = 0; i < a.g.N; ++i) ga[i] = static_cast<acc_t>(a.grad[off + i]);
+    bn_reduce(ga, a, off, a.g.N, row);
+  }
+}
+
+}  // namespace
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor> mixed_op_bn_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& x_in, at::TensorList ys_in, at::TensorList zs_in,
+    const at::Tensor& weights, at::IntArrayRef pf_in, const at::Tensor& stats_in, const c10::List<bool>& ys_mask,
+    const c10::List<bool>& zs_mask, bool x_grad, bool weights_grad) {
+  const BnBackward bw =
+      prepare_bn_backward(grad_in, x_in, ys_in, zs_in, weights, pf_in, stats_in, ys_mask, zs_mask, x_grad);
+  const Geo g = geo_of(bw.geo);
+  const int64_t K = static_cast<int64_t>(bw.ys.size()), Z = static_cast<int64_t>(bw.zs.size());
+  const int64_t KP = K + Z + static_cast<int64_t>(bw.pf.size());
+  const int64_t C = bw.ch.C;
+  const int64_t per = images_per_chunk(g);
+  const int64_t nchunks = g.N == 0 ? 0 : (bw.geo.images + per - 1) / per;
+  const bool want_gx = bw.grad_x.numel() > 0;
+  const PfFlags f = flags_of(bw.pf);
+  at::Tensor partials = at::zeros({weights_grad ? nchunks : 0, KP}, bw.w.options());
+  at::Tensor rows = at::zeros({nchunks, (1 + Z) * C}, bw.w.options());
+  at::Tensor coef = at::empty({1 + Z, C}, bw.w.options());  // gmean, then gcoef per z
+  at::Tensor grad_w = at::zeros({KP}, bw.w.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bw.grad.scalar_type(), "mixed_op_bn_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<const scalar_t*> yp, zp;
+    std::vector<scalar_t*> gyp, gzp;
+    for (int64_t k = 0, n = 0; k < K; ++k) {
+      yp.push_back(bw.ys[k].const_data_ptr<scalar_t>());
+      gyp.push_back(ys_mask.get(k) ? bw.grad_ys[n++].mutable_data_ptr<scalar_t>() : nullptr);
+    }
+    for (int64_t j = 0, n = 0; j < Z; ++j) {
+      zp.push_back(bw.zs[j].const_data_ptr<scalar_t>());
+      gzp.push_back(zs_mask.get(j) ? bw.grad_zs[n++].mutable_data_ptr<scalar_t>() : nullptr);
+    }
+    Args<scalar_t, acc_t> a{};
+    a.x = bw.x.defined() ? bw.x.const_data_ptr<scalar_t>() : nullptr;
+    a.ys = yp.data();
+    a.K = K;
+    a.zs = zp.data();
+    a.Z = Z;
+    a.stats = bw.stats.const_data_ptr<acc_t>();
+    a.ch = bw.ch;
+    a.pf = bw.pf.data();
+    a.npf = static_cast<int64_t>(bw.pf.size());
+    a.w = bw.w.const_data_ptr<acc_t>();
+    a.g = g;
+    a.grad = bw.grad.const_data_ptr<scalar_t>();
+    a.gys = gyp.data();
+    a.gzs = gzp.data();
+    a.gx = want_gx ? bw.grad_x.mutable_data_ptr<scalar_t>() : nullptr;
+    a.dots = weights_grad;
+    // Pass 1: per-channel sums, one row per chunk, then summed in chunk order.
+    acc_t* rp = rows.mutable_data_ptr<acc_t>();
+    const int64_t RW = (1 + Z) * C;
+    at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+      std::vector<acc_t> ga(g.N);
+      for (int64_t c = cb; c < ce; ++c) {
+        const int64_t ib = c * per, ie = std::min(bw.geo.images, ib + per);
+        cpu_has_avx2() ? bn_reduce_avx2(a, ib, ie, rp + c * RW, ga.data())
+                       : bn_reduce_base(a, ib, ie, rp + c * RW, ga.data());
+      }
+    });
+    std::vector<acc_t> sums(RW, acc_t(0));
+    for (int64_t c = 0; c < nchunks; ++c)
+      for (int64_t r = 0; r < RW; ++r) sums[r] += rp[c * RW + r];
+    acc_t* cf = coef.mutable_data_ptr<acc_t>();
+    acc_t* gw = grad_w.mutable_data_ptr<acc_t>();
+    const acc_t inv_m = acc_t(1) / static_cast<acc_t>(bw.ch.M);
+    for (int64_t c = 0; c < C; ++c) cf[c] = sums[c] * inv_m;
+    for (int64_t j = 0; j < Z; ++j) {
+      const acc_t* invstd = a.stats + j * 2 * C + C;
+      acc_t dw = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t d = sums[(1 + j) * C + c] * invstd[c];  // sum(g * y_j) over the channel
+        cf[(1 + j) * C + c] = d * inv_m;
+        dw += d;
+      }
+      if (weights_grad) gw[K + j] = dw;
+    }
+    a.gmean = cf;
+    a.gcoef = cf + C;
+    // Pass 2: the engine's elementwise backward.
+    const auto count = window_counts<acc_t>(g, f.avg);
+    a.count = count.data();
+    acc_t* parts = partials.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+      Scratch<acc_t> s(g.N);
+      std::vector<acc_t> dummy(KP);
+      for (int64_t c = cb; c < ce; ++c) {
+        const int64_t ib = c * per, ie = std::min(bw.geo.images, ib + per);
+        acc_t* part = weights_grad ? parts + c * KP : dummy.data();
+        cpu_has_avx2() ? backward_avx2(a, f, ib, ie, part, s) : backward_base(a, f, ib, ie, part, s);
+      }
+    });
+    for (int64_t c = 0; c < partials.size(0); ++c)
+      for (int64_t k = 0; k < KP; ++k)
+        if (k < K || k >= K + Z) gw[k] += parts[c * KP + k];
+  });
+  return {bw.grad_ys, bw.grad_zs, bw.grad_x, grad_w.to(weights.scalar_type())};
+}
+
 TORCH_LIBRARY_IMPL(gaea, CPU, m) {
   m.impl("mixed_op_pf", &mixed_op_pf_cpu);
   m.impl("mixed_op_pf_backward", &mixed_op_pf_backward_cpu);
+  m.impl("mixed_op_bn", &mixed_op_bn_cpu);
+  m.impl("mixed_op_bn_backward", &mixed_op_bn_backward_cpu);
 }
 
 }  // namespace gaea
