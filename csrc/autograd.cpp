@@ -16,10 +16,11 @@ using torch::autograd::variable_list;
 
 using BnForwardFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, at::TensorList, at::TensorList,
                                                        const at::Tensor&, at::IntArrayRef, at::TensorList,
-                                                       at::TensorList, at::TensorList, c10::optional<double>, double);
+                                                       at::TensorList, at::TensorList, c10::optional<double>, double,
+                                                       at::IntArrayRef);
 using BnBackwardFn = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList, const at::Tensor&, at::IntArrayRef,
-    const at::Tensor&, const c10::List<bool>&, const c10::List<bool>&, bool, bool);
+    const at::Tensor&, const c10::List<bool>&, const c10::List<bool>&, bool, bool, at::IntArrayRef);
 
 // What the forward takes besides the differentiable tensors. Passed to Function::apply as one
 // non-tensor argument, so the running statistics are not counted as autograd inputs.
@@ -28,6 +29,7 @@ struct BnExtra {
   at::TensorList running_means, running_vars, batches_tracked;
   c10::optional<double> momentum;
   double eps;
+  at::IntArrayRef w_index;
 };
 
 class MixedOpBn : public torch::autograd::Function<MixedOpBn> {
@@ -39,7 +41,7 @@ class MixedOpBn : public torch::autograd::Function<MixedOpBn> {
     {
       at::AutoDispatchBelowADInplaceOrView guard;
       std::tie(out, stats) = op.call(x, ys, zs, weights, e.pf, e.running_means, e.running_vars,
-                                     e.batches_tracked, e.momentum, e.eps);
+                                     e.batches_tracked, e.momentum, e.eps, e.w_index);
     }
     // The running statistics changed in place (not through autograd): bump their versions, as
     // an in-place aten op would, so anything that saved them notices.
@@ -56,6 +58,7 @@ class MixedOpBn : public torch::autograd::Function<MixedOpBn> {
     saved.push_back(stats);
     ctx->save_for_backward(saved);
     ctx->saved_data["pf"] = e.pf.vec();
+    ctx->saved_data["w_index"] = e.w_index.vec();
     ctx->saved_data["K"] = static_cast<int64_t>(ys.size());
     ctx->saved_data["Z"] = static_cast<int64_t>(zs.size());
     return {out, stats};
@@ -69,6 +72,7 @@ class MixedOpBn : public torch::autograd::Function<MixedOpBn> {
         c10::Dispatcher::singleton().findSchemaOrThrow("gaea::mixed_op_bn_backward", "").typed<BnBackwardFn>();
     const int64_t K = ctx->saved_data["K"].toInt(), Z = ctx->saved_data["Z"].toInt();
     const std::vector<int64_t> pf = ctx->saved_data["pf"].toIntVector();
+    const std::vector<int64_t> w_index = ctx->saved_data["w_index"].toIntVector();
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& x = saved[0];
     const std::vector<at::Tensor> ys(saved.begin() + 1, saved.begin() + 1 + K);
@@ -84,7 +88,8 @@ class MixedOpBn : public torch::autograd::Function<MixedOpBn> {
     const bool x_grad = ctx->needs_input_grad(0) && !pf.empty();
     const bool w_grad = ctx->needs_input_grad(1 + K + Z);
     auto [grad_ys, grad_zs, grad_x, grad_w] =
-        op.call(grads[0], x.defined() ? x : zs[0], ys, zs, weights, pf, stats, ys_mask, zs_mask, x_grad, w_grad);
+        op.call(grads[0], x.defined() ? x : zs[0], ys, zs, weights, pf, stats, ys_mask, zs_mask, x_grad,
+                w_grad, w_index);
     if (x_grad) result[0] = grad_x;
     for (int64_t k = 0, n = 0; k < K; ++k)
       if (ys_mask.get(k)) result[1 + k] = grad_ys[n++];
@@ -99,8 +104,9 @@ std::tuple<at::Tensor, at::Tensor> mixed_op_bn_autograd(const at::Tensor& x, at:
                                                         const at::Tensor& weights, at::IntArrayRef pf,
                                                         at::TensorList running_means, at::TensorList running_vars,
                                                         at::TensorList batches_tracked,
-                                                        c10::optional<double> momentum, double eps) {
-  const BnExtra extra{pf, running_means, running_vars, batches_tracked, momentum, eps};
+                                                        c10::optional<double> momentum, double eps,
+                                                        at::IntArrayRef w_index) {
+  const BnExtra extra{pf, running_means, running_vars, batches_tracked, momentum, eps, w_index};
   auto out = MixedOpBn::apply(x, ys, zs, weights, extra);
   return {out[0], out[1]};
 }

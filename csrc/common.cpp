@@ -91,7 +91,8 @@ MixedBackward prepare_backward(const at::Tensor& grad, at::TensorList ys_in, con
 
 namespace {
 
-void check_pf(const at::Tensor& x, at::TensorList ys, const at::Tensor& weights, at::IntArrayRef pf) {
+void check_pf(const at::Tensor& x, at::TensorList ys, const at::Tensor& weights, at::IntArrayRef pf,
+              bool weights_in_order = true) {
   TORCH_CHECK(is_float_type(x.scalar_type()),
               "mixed_op_pf: x must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(x.dim() == 3 || x.dim() == 4, "mixed_op_pf: x must be 3-D (C, H, W) or 4-D (B, C, H, W), got ",
@@ -121,7 +122,7 @@ void check_pf(const at::Tensor& x, at::TensorList ys, const at::Tensor& weights,
   }
   TORCH_CHECK(weights.dim() == 1, "mixed_op_pf: weights must be 1-D, got ", weights.dim(), "-D with shape ",
               weights.sizes());
-  TORCH_CHECK(weights.size(0) == K + P, "mixed_op_pf: weights has length ", weights.size(0), " but there are ",
+  TORCH_CHECK(!weights_in_order || weights.size(0) == K + P, "mixed_op_pf: weights has length ", weights.size(0), " but there are ",
               K, " candidate outputs in ys and ", P, " parameter-free ops in pf");
   TORCH_CHECK(weights.scalar_type() == at::kFloat || weights.scalar_type() == x.scalar_type(),
               "mixed_op_pf: weights must be float32 or the x dtype (", x.scalar_type(), "), got ",
@@ -213,7 +214,7 @@ void check_bn_devices(const char* op, const at::Tensor& x, at::TensorList ys, at
 }
 
 void check_bn(const at::Tensor& x, at::TensorList ys, at::TensorList zs, const at::Tensor& weights,
-              at::IntArrayRef pf) {
+              at::IntArrayRef pf, at::IntArrayRef w_index) {
   TORCH_CHECK(!zs.empty(), "mixed_op_bn: zs is empty (use mixed_op / mixed_op_pf)");
   check_bn_devices("mixed_op_bn", x, ys, zs, weights, !pf.empty());
   const at::Tensor& z0 = zs[0];
@@ -235,10 +236,19 @@ void check_bn(const at::Tensor& x, at::TensorList ys, at::TensorList zs, const a
   if (!pf.empty()) {
     std::vector<at::Tensor> all(ys.begin(), ys.end());
     all.insert(all.end(), zs.begin(), zs.end());
-    check_pf(x, all, weights, pf);  // shapes, codes, weights' length K + Z + P
-    return;
+    check_pf(x, all, weights, pf, w_index.empty());  // shapes, codes, weights
   }
-  TORCH_CHECK(weights.dim() == 1 && weights.size(0) == K + Z, "mixed_op_bn: weights must be 1-D of length ",
+  const int64_t n = K + Z + static_cast<int64_t>(pf.size());
+  if (!w_index.empty()) {
+    TORCH_CHECK(weights.dim() == 1, "mixed_op_bn: weights must be 1-D, got shape ", weights.sizes());
+    TORCH_CHECK(static_cast<int64_t>(w_index.size()) == n, "mixed_op_bn: w_index has ", w_index.size(),
+                " entries for ", n, " candidates");
+    for (int64_t i : w_index)
+      TORCH_CHECK(i >= 0 && i < weights.size(0), "mixed_op_bn: w_index entry ", i, " is outside weights (length ",
+                  weights.size(0), ")");
+  }
+  if (!pf.empty()) return;
+  TORCH_CHECK(weights.dim() == 1 && (!w_index.empty() || weights.size(0) == K + Z), "mixed_op_bn: weights must be 1-D of length ",
               K + Z, " (", K, " ys, ", Z, " zs), got shape ", weights.sizes());
   TORCH_CHECK(weights.scalar_type() == at::kFloat || weights.scalar_type() == z0.scalar_type(),
               "mixed_op_bn: weights must be float32 or the zs dtype (", z0.scalar_type(), "), got ",
@@ -251,6 +261,13 @@ at::MemoryFormat bn_format(const at::Tensor& x, at::TensorList ys, at::TensorLis
   all.insert(all.end(), ys.begin(), ys.end());
   all.insert(all.end(), zs.begin(), zs.end());
   return common_format(all);
+}
+
+std::vector<int64_t> candidate_index(at::IntArrayRef w_index, size_t n) {
+  if (!w_index.empty()) return w_index.vec();
+  std::vector<int64_t> idx(n);
+  for (size_t i = 0; i < n; ++i) idx[i] = static_cast<int64_t>(i);
+  return idx;
 }
 
 BnChannels bn_channels(const at::Tensor& z, at::MemoryFormat fmt) {
@@ -266,8 +283,9 @@ BnChannels bn_channels(const at::Tensor& z, at::MemoryFormat fmt) {
 
 BnForward prepare_bn_forward(const at::Tensor& x, at::TensorList ys, at::TensorList zs,
                              const at::Tensor& weights, at::IntArrayRef pf, at::TensorList running_means,
-                             at::TensorList running_vars, at::TensorList batches_tracked) {
-  check_bn(x, ys, zs, weights, pf);
+                             at::TensorList running_vars, at::TensorList batches_tracked,
+                             at::IntArrayRef w_index) {
+  check_bn(x, ys, zs, weights, pf, w_index);
   const int64_t Z = static_cast<int64_t>(zs.size());
   TORCH_CHECK(running_means.size() == running_vars.size() &&
                   (running_means.empty() || static_cast<int64_t>(running_means.size()) == Z),
@@ -300,6 +318,7 @@ BnForward prepare_bn_forward(const at::Tensor& x, at::TensorList ys, at::TensorL
   f.w = acc_weights(weights, z0.scalar_type());
   f.out = at::empty(z0.sizes(), z0.options().memory_format(fmt));
   f.pf = pf.vec();
+  f.widx = candidate_index(w_index, ys.size() + zs.size() + pf.size());
   f.geo = pf_geometry(uses_x ? x : z0, fmt);
   f.ch = bn_channels(z0, fmt);
   return f;
@@ -307,8 +326,9 @@ BnForward prepare_bn_forward(const at::Tensor& x, at::TensorList ys, at::TensorL
 
 BnBackward prepare_bn_backward(const at::Tensor& grad, const at::Tensor& x, at::TensorList ys, at::TensorList zs,
                                const at::Tensor& weights, at::IntArrayRef pf, const at::Tensor& stats,
-                               const c10::List<bool>& ys_mask, const c10::List<bool>& zs_mask, bool x_grad) {
-  check_bn(x, ys, zs, weights, pf);
+                               const c10::List<bool>& ys_mask, const c10::List<bool>& zs_mask, bool x_grad,
+                               at::IntArrayRef w_index) {
+  check_bn(x, ys, zs, weights, pf, w_index);
   const at::Tensor& z0 = zs[0];
   TORCH_CHECK(ys_mask.size() == ys.size() && zs_mask.size() == zs.size(),
               "mixed_op_bn_backward: ys_mask / zs_mask must have one entry per ys / zs");
@@ -328,6 +348,7 @@ BnBackward prepare_bn_backward(const at::Tensor& grad, const at::Tensor& x, at::
   b.grad = grad.contiguous(fmt);
   b.stats = stats.contiguous();
   b.pf = pf.vec();
+  b.widx = candidate_index(w_index, ys.size() + zs.size() + pf.size());
   b.geo = pf_geometry(uses_x ? x : z0, fmt);
   b.ch = bn_channels(z0, fmt);
   const auto opts = z0.options().memory_format(fmt);

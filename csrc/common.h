@@ -85,18 +85,21 @@ struct BnChannels {
 struct BnForward {
   at::Tensor x;                      // undefined unless pf is not empty
   std::vector<at::Tensor> ys, zs;
-  at::Tensor w, out;
+  at::Tensor w, out;                 // w: all of weights, acc type, contiguous
+  std::vector<int64_t> widx;         // weights entry of each candidate (ys, zs, pf)
   std::vector<int64_t> pf;
   PfGeometry geo;                    // of the output (x's when pf is not empty)
   BnChannels ch;
 };
 BnForward prepare_bn_forward(const at::Tensor& x, at::TensorList ys, at::TensorList zs,
                              const at::Tensor& weights, at::IntArrayRef pf, at::TensorList running_means,
-                             at::TensorList running_vars, at::TensorList batches_tracked);
+                             at::TensorList running_vars, at::TensorList batches_tracked,
+                             at::IntArrayRef w_index);
 
 struct BnBackward {
   at::Tensor x, grad, w, stats;      // stats: [Z, 2, C] acc type, contiguous
   std::vector<at::Tensor> ys, zs;
+  std::vector<int64_t> widx;
   std::vector<int64_t> pf;
   PfGeometry geo;
   BnChannels ch;
@@ -105,7 +108,8 @@ struct BnBackward {
 };
 BnBackward prepare_bn_backward(const at::Tensor& grad, const at::Tensor& x, at::TensorList ys, at::TensorList zs,
                                const at::Tensor& weights, at::IntArrayRef pf, const at::Tensor& stats,
-                               const c10::List<bool>& ys_mask, const c10::List<bool>& zs_mask, bool x_grad);
+                               const c10::List<bool>& ys_mask, const c10::List<bool>& zs_mask, bool x_grad,
+                               at::IntArrayRef w_index);
 
 void check_eg_update(at::TensorList params, at::TensorList grads,
                      const c10::optional<at::Tensor>& lr_tensor, double eps);

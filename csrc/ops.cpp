@@ -31,18 +31,21 @@ TORCH_LIBRARY(gaea, m) {
   // (unbiased variance) with factor `momentum`, or with 1/num_batches_tracked when momentum
   // is None; batches_tracked (0-d int64, one per z, or empty) is incremented in place first.
   // x is read only for pf (then every y and z has x's shape); with pf empty the edge may
-  // change shape (stride 2) and x is ignored.
+  // change shape (stride 2) and x is ignored. w_index: the weights entry of each candidate
+  // (ys, zs, pf order), so an edge passes its whole row of architecture weights (`none`
+  // included) without a gather; empty means weights are in candidate order.
   m.def(
       "mixed_op_bn(Tensor x, Tensor[] ys, Tensor[] zs, Tensor weights, int[] pf,"
       " Tensor(a!)[] running_means, Tensor(b!)[] running_vars, Tensor(c!)[] batches_tracked,"
-      " float? momentum, float eps) -> (Tensor, Tensor)");
+      " float? momentum, float eps, int[] w_index=[]) -> (Tensor, Tensor)");
   // One reduction pass (per channel: sum grad, sum grad * (z_j - mean_j)), one elementwise pass
   // writing grad_ys (where ys_mask), grad_zs (where zs_mask; the BN backward), the pf part of
-  // grad_x (empty unless x_grad and pf) and grad_weights (zero unless weights_grad).
+  // grad_x (empty unless x_grad and pf) and grad_weights (weights' shape, zero where no
+  // candidate reads an entry or unless weights_grad).
   m.def(
       "mixed_op_bn_backward(Tensor grad, Tensor x, Tensor[] ys, Tensor[] zs, Tensor weights,"
-      " int[] pf, Tensor stats, bool[] ys_mask, bool[] zs_mask, bool x_grad, bool weights_grad)"
-      " -> (Tensor[], Tensor[], Tensor, Tensor)");
+      " int[] pf, Tensor stats, bool[] ys_mask, bool[] zs_mask, bool x_grad, bool weights_grad,"
+      " int[] w_index=[]) -> (Tensor[], Tensor[], Tensor, Tensor)");
   // Exponentiated-gradient step on every row of every param, in place. lr_tensor, when
   // given, overrides lr and is read on the device (CUDA-graph capturable). Returns the
   // number of rows left unchanged because their grad (or param) was not finite.

@@ -20,11 +20,11 @@ std::tuple<at::Tensor, at::Tensor> mixed_op_bn_cpu(const at::Tensor& x, at::Tens
                                                    const at::Tensor& weights, at::IntArrayRef pf,
                                                    at::TensorList running_means, at::TensorList running_vars,
                                                    at::TensorList batches_tracked, c10::optional<double> momentum,
-                                                   double eps);
+                                                   double eps, at::IntArrayRef w_index);
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor> mixed_op_bn_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, at::TensorList ys, at::TensorList zs, const at::Tensor& weights,
     at::IntArrayRef pf, const at::Tensor& stats, const c10::List<bool>& ys_mask, const c10::List<bool>& zs_mask,
-    bool x_grad, bool weights_grad);
+    bool x_grad, bool weights_grad, at::IntArrayRef w_index);
 at::Tensor eg_update_cpu(at::TensorList params, at::TensorList grads, double lr,
                          const c10::optional<at::Tensor>& lr_tensor, double eps);
 
@@ -45,11 +45,11 @@ std::tuple<at::Tensor, at::Tensor> mixed_op_bn_cuda(const at::Tensor& x, at::Ten
                                                     const at::Tensor& weights, at::IntArrayRef pf,
                                                     at::TensorList running_means, at::TensorList running_vars,
                                                     at::TensorList batches_tracked, c10::optional<double> momentum,
-                                                    double eps);
+                                                    double eps, at::IntArrayRef w_index);
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor> mixed_op_bn_backward_cuda(
     const at::Tensor& grad, const at::Tensor& x, at::TensorList ys, at::TensorList zs, const at::Tensor& weights,
     at::IntArrayRef pf, const at::Tensor& stats, const c10::List<bool>& ys_mask, const c10::List<bool>& zs_mask,
-    bool x_grad, bool weights_grad);
+    bool x_grad, bool weights_grad, at::IntArrayRef w_index);
 at::Tensor eg_update_cuda(at::TensorList params, at::TensorList grads, double lr,
                           const c10::optional<at::Tensor>& lr_tensor, double eps);
 }  // namespace gaea

@@ -37,31 +37,34 @@ def _out_like(x: Tensor, ys, zs, pf) -> Tensor:
 
 
 @torch.library.register_fake("gaea::mixed_op_bn")
-def _mixed_op_bn_fake(x, ys, zs, weights, pf, running_means, running_vars, batches_tracked, momentum, eps):
+def _mixed_op_bn_fake(x, ys, zs, weights, pf, running_means, running_vars, batches_tracked, momentum, eps,
+                      w_index=()):
     torch._check(len(zs) >= 1, lambda: "mixed_op_bn: zs is empty (use mixed_op / mixed_op_pf)")
     torch._check(len(running_means) == len(running_vars) and len(running_means) in (0, len(zs)),
                  lambda: "mixed_op_bn: give running_means and running_vars for every z, or none")
     n = len(ys) + len(zs) + len(pf)
-    torch._check(weights.dim() == 1 and weights.shape[0] == n,
-                 lambda: f"mixed_op_bn: weights must be 1-D of length {n}")
+    torch._check(weights.dim() == 1 and (len(w_index) == n if w_index else weights.shape[0] == n),
+                 lambda: f"mixed_op_bn: weights must be 1-D of length {n}, or w_index must have {n} entries")
     z = zs[0]
     stats = z.new_empty((len(zs), 2, z.shape[1]), dtype=_acc(z.dtype))
     return _out_like(x, ys, zs, pf), stats
 
 
 @torch.library.register_fake("gaea::mixed_op_bn_backward")
-def _mixed_op_bn_backward_fake(grad, x, ys, zs, weights, pf, stats, ys_mask, zs_mask, x_grad, weights_grad):
+def _mixed_op_bn_backward_fake(grad, x, ys, zs, weights, pf, stats, ys_mask, zs_mask, x_grad, weights_grad,
+                               w_index=()):
     like = _out_like(x, ys, zs, pf)
     grad_ys = [torch.empty_like(like) for needed in ys_mask if needed]
     grad_zs = [torch.empty_like(like) for needed in zs_mask if needed]
     grad_x = torch.empty_like(_out_like(x, ys, zs, pf)) if (x_grad and len(pf) > 0) else x.new_empty(0)
-    return grad_ys, grad_zs, grad_x, weights.new_empty(len(ys) + len(zs) + len(pf))
+    return grad_ys, grad_zs, grad_x, weights.new_empty(weights.shape)
 
 
 def mixed_op_bn(x: Tensor, ys: Sequence[Tensor], zs: Sequence[Tensor], weights: Tensor,
                 pf: Sequence[Union[int, str]] = (), running_means: Sequence[Tensor] = (),
                 running_vars: Sequence[Tensor] = (), momentum: Optional[float] = 0.1,
-                eps: float = 1e-5, num_batches_tracked: Sequence[Tensor] = ()) -> Tensor:
+                eps: float = 1e-5, num_batches_tracked: Sequence[Tensor] = (),
+                w_index: Sequence[int] = ()) -> Tensor:
     """mixed_op over [*ys, *(BN(z) for z in zs), *(pf_j(x) for j in pf)].
 
     BN is BatchNorm(affine=False) in training mode: batch statistics over all dims but 1,
@@ -70,12 +73,15 @@ def mixed_op_bn(x: Tensor, ys: Sequence[Tensor], zs: Sequence[Tensor], weights: 
     num_batches_tracked (one 0-d int64 tensor per z) each is incremented in place, and
     momentum=None means the cumulative average 1 / num_batches_tracked, as in the module.
     The normalized outputs are never saved for backward (see the module docstring). weights:
-    1-D, len(ys) + len(zs) + len(pf) entries in that order. pf non-empty: x is the stride-1
-    edge input of mixed_op_pf and every y, z has its shape; pf empty: x is not used.
+    1-D, len(ys) + len(zs) + len(pf) entries in that order, or any length with w_index
+    giving each candidate's entry (an edge's whole row, `none` included: entries no candidate
+    reads get a zero gradient). pf non-empty: x is the stride-1 edge input of mixed_op_pf and
+    every y, z has its shape; pf empty: x is not used.
     """
     if len(zs) == 0:
         raise ValueError("mixed_op_bn: zs is empty (use mixed_op / mixed_op_pf)")
     out, _ = torch.ops.gaea.mixed_op_bn(x, list(ys), list(zs), weights, [pf_code(op) for op in pf],
                                         list(running_means), list(running_vars), list(num_batches_tracked),
-                                        None if momentum is None else float(momentum), float(eps))
+                                        None if momentum is None else float(momentum), float(eps),
+                                        list(w_index))
     return out

@@ -596,8 +596,9 @@ std::tuple<at::Tensor, at::Tensor> mixed_op_bn_cpu(const at::Tensor& x, at::Tens
                                                    const at::Tensor& weights, at::IntArrayRef pf,
                                                    at::TensorList running_means, at::TensorList running_vars,
                                                    at::TensorList batches_tracked, c10::optional<double> momentum,
-                                                   double eps) {
-  const BnForward fw = prepare_bn_forward(x, ys, zs, weights, pf, running_means, running_vars, batches_tracked);
+                                                   double eps, at::IntArrayRef w_index) {
+  const BnForward fw =
+      prepare_bn_forward(x, ys, zs, weights, pf, running_means, running_vars, batches_tracked, w_index);
   const int64_t Z = static_cast<int64_t>(fw.zs.size()), C = fw.ch.C;
   const auto acc = acc_type(fw.out.scalar_type());
   at::Tensor stats = at::empty({Z, 2, C}, fw.out.options().dtype(acc).memory_format(at::MemoryFormat::Contiguous));
@@ -645,7 +646,10 @@ std::tuple<at::Tensor, at::Tensor> mixed_op_bn_cpu(const at::Tensor& x, at::Tens
     a.ch = fw.ch;
     a.pf = fw.pf.data();
     a.npf = static_cast<int64_t>(fw.pf.size());
-    a.w = fw.w.const_data_ptr<acc_t>();
+    const acc_t* wall = fw.w.const_data_ptr<acc_t>();
+    std::vector<acc_t> w;  // the candidates' weights, in candidate order
+    for (int64_t i : fw.widx) w.push_back(wall[i]);
+    a.w = w.data();
     a.g = g;
     a.out = fw.out.mutable_data_ptr<scalar_t>();
     const auto count = window_counts<acc_t>(g, f.avg);
@@ -683,9 +687,9 @@ void bn_reduce_base(const Args<T, acc_t>& a, int64_t ib, int64_t ie, acc_t* row,
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor> mixed_op_bn_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& x_in, at::TensorList ys_in, at::TensorList zs_in,
     const at::Tensor& weights, at::IntArrayRef pf_in, const at::Tensor& stats_in, const c10::List<bool>& ys_mask,
-    const c10::List<bool>& zs_mask, bool x_grad, bool weights_grad) {
-  const BnBackward bw =
-      prepare_bn_backward(grad_in, x_in, ys_in, zs_in, weights, pf_in, stats_in, ys_mask, zs_mask, x_grad);
+    const c10::List<bool>& zs_mask, bool x_grad, bool weights_grad, at::IntArrayRef w_index) {
+  const BnBackward bw = prepare_bn_backward(grad_in, x_in, ys_in, zs_in, weights, pf_in, stats_in, ys_mask, zs_mask,
+                                            x_grad, w_index);
   const Geo g = geo_of(bw.geo);
   const int64_t K = static_cast<int64_t>(bw.ys.size()), Z = static_cast<int64_t>(bw.zs.size());
   const int64_t KP = K + Z + static_cast<int64_t>(bw.pf.size());
@@ -697,7 +701,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
   at::Tensor partials = at::zeros({weights_grad ? nchunks : 0, KP}, bw.w.options());
   at::Tensor rows = at::zeros({nchunks, (1 + Z) * C}, bw.w.options());
   at::Tensor coef = at::empty({1 + Z, C}, bw.w.options());  // gmean, then gcoef per z
-  at::Tensor grad_w = at::zeros({KP}, bw.w.options());
+  at::Tensor grad_w = at::zeros({KP}, bw.w.options());            // per candidate
+  at::Tensor grad_all = at::zeros(bw.w.sizes(), bw.w.options());  // per weights entry
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bw.grad.scalar_type(), "mixed_op_bn_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<const scalar_t*> yp, zp;
@@ -720,7 +725,10 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
     a.ch = bw.ch;
     a.pf = bw.pf.data();
     a.npf = static_cast<int64_t>(bw.pf.size());
-    a.w = bw.w.const_data_ptr<acc_t>();
+    const acc_t* wall = bw.w.const_data_ptr<acc_t>();
+    std::vector<acc_t> w;  // the candidates' weights, in candidate order
+    for (int64_t i : bw.widx) w.push_back(wall[i]);
+    a.w = w.data();
     a.g = g;
     a.grad = bw.grad.const_data_ptr<scalar_t>();
     a.gys = gyp.data();
@@ -773,8 +781,10 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
     for (int64_t c = 0; c < partials.size(0); ++c)
       for (int64_t k = 0; k < KP; ++k)
         if (k < K || k >= K + Z) gw[k] += parts[c * KP + k];
+    acc_t* gall = grad_all.mutable_data_ptr<acc_t>();
+    for (int64_t k = 0; k < KP; ++k) gall[bw.widx[k]] += gw[k];  // entries no candidate reads stay 0
   });
-  return {bw.grad_ys, bw.grad_zs, bw.grad_x, grad_w.to(weights.scalar_type())};
+  return {bw.grad_ys, bw.grad_zs, bw.grad_x, grad_all.to(weights.scalar_type())};
 }
 
 TORCH_LIBRARY_IMPL(gaea, CPU, m) {

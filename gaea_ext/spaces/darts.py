@@ -42,12 +42,13 @@ class SearchCell(nn.Module):
         states = [self.pre0(s0), self.pre1(s1)]
         e = 0
         for node in range(STEPS):
-            terms = []
+            acc = None
             for j, h in enumerate(states):
                 out = self.edges[e](h, weights[e], None if hard is None else hard[e])
-                terms.append(out if betas is None else betas[node][0, j] * out)
+                out = out if betas is None else betas[node][0, j] * out
+                acc = out if acc is None else acc + out  # not sum(): no `0 + out` op
                 e += 1
-            states.append(sum(terms))
+            states.append(acc)
         return torch.cat(states[2:], dim=1)
 
 

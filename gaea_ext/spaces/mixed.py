@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gaea_ext import ops, reference
-from gaea_ext.bn_mixed import mixed_op_bn
+import gaea_ext.bn_mixed  # noqa: F401  (mixed_op_bn's fake kernels)
 
 
 def _pair(v):
@@ -86,6 +86,24 @@ def plan(module: nn.Module) -> Plan:
     return Plan(relu, leaves[int(relu):len(leaves) - (bn is not None)], bn)
 
 
+class EdgePlan(NamedTuple):
+    """Everything the fused path of one edge decides once (per set of computed candidates and
+    train/eval mode), so a call only runs the candidate bodies and one op: the candidates in
+    the op's order (plain outputs, BN inputs, pf codes), each with its weight's index in the
+    edge's row, and the folded BNs' buffers."""
+
+    relu: bool                       # some candidate starts with the shared ReLU(x)
+    plain: List[Plan]                # run to an output y (BN, if any, run as a module)
+    folded: List[Plan]               # run to the folded BN's input z
+    pf: List[int]                    # mixed_op_pf codes
+    w_index: List[int]               # weight index per candidate: plain, folded, pf
+    running_means: List[torch.Tensor]
+    running_vars: List[torch.Tensor]
+    batches_tracked: List[torch.Tensor]
+    momentum: Optional[float]
+    eps: float
+
+
 class MixedOp(nn.Module):
     def __init__(self, names: Sequence[str], build: Dict[str, Callable[[], nn.Module]], fused: bool,
                  stride: int = 1):
@@ -96,6 +114,7 @@ class MixedOp(nn.Module):
         self.live = [i for i, n in enumerate(self.names) if n != "none"]
         self.ops = nn.ModuleList(build[self.names[i]]() for i in self.live)
         self.slot = {k: s for s, k in enumerate(self.live)}  # weight index -> position in self.ops
+        self.all_slots = tuple(range(len(self.ops)))
         # Fused path (see the module docstring): pf code per slot computed in the kernel, and
         # the plan of every other slot. Plain python containers: the modules stay registered
         # once, in self.ops.
@@ -107,6 +126,13 @@ class MixedOp(nn.Module):
                 self.pf_slots = {s: c for s, c in enumerate(codes) if c is not None}
             self.plans = {s: plan(op) for s, op in enumerate(self.ops) if s not in self.pf_slots}
         self._orders: Dict[tuple, torch.Tensor] = {}
+        self._edge_plans: Dict[tuple, EdgePlan] = {}
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .double() / .cuda() may replace the BN buffers the cached plans hold.
+        self._edge_plans.clear()
+        self._orders.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     def _zero(self, x: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(x[:, :, ::self.stride, ::self.stride])
@@ -126,7 +152,7 @@ class MixedOp(nn.Module):
             chosen = self.ops[self.slot[hard]](x) if hard in self.slot else self._zero(x)
             others = weights.sum() - weights[hard]  # zero in value, carries the gradient
             return chosen * weights[hard] + others
-        slots = list(range(len(self.ops))) if hard is None else [self.slot[k] for k in hard if k in self.slot]
+        slots = self.all_slots if hard is None else tuple(self.slot[k] for k in hard if k in self.slot)
         if not slots:
             return self._zero(x)
         if self.fused:
@@ -137,59 +163,71 @@ class MixedOp(nn.Module):
             w = weights.index_select(0, self._index([self.live[s] for s in slots], weights.device))
         return reference.mixed_op([self.ops[s](x) for s in slots], w)
 
-    def _fused(self, x: torch.Tensor, weights: torch.Tensor, slots: List[int]) -> torch.Tensor:
-        relu = None
-        ys, zs, bns, codes = [], [], [], []
+    def edge_plan(self, slots: Tuple[int, ...]) -> EdgePlan:
+        """The fused path's plan for computing `slots`, in the current train/eval mode (cached;
+        a BN folds when it is in training mode and shares momentum, eps and running-stat
+        tracking with the edge's first folded BN: one op takes one of each)."""
+        key = (slots, self.training)
+        cached = self._edge_plans.get(key)
+        if cached is not None:
+            return cached
+        plain, folded, bns, codes = [], [], [], []
         order_y, order_z, order_pf = [], [], []
+        relu = False
         for s in slots:
             if s in self.pf_slots:
                 codes.append(self.pf_slots[s])
                 order_pf.append(self.live[s])
                 continue
             p = self.plans[s]
-            h = x
-            if p.relu:
-                relu = F.relu(x) if relu is None else relu
-                h = relu
-            for m in p.body:
-                h = m(h)
+            relu = relu or p.relu
             if p.bn is not None and self._foldable(p.bn, bns):
-                zs.append(h)
+                folded.append(p)
                 bns.append(p.bn)
                 order_z.append(self.live[s])
             else:
-                ys.append(h if p.bn is None else p.bn(h))
+                plain.append(p)
                 order_y.append(self.live[s])
-        order = order_y + order_z + order_pf
+        first = bns[0] if bns else None
+        track = first is not None and first.track_running_stats and first.running_mean is not None
+        made = EdgePlan(
+            relu, plain, folded, codes, order_y + order_z + order_pf,
+            [bn.running_mean for bn in bns] if track else [],
+            [bn.running_var for bn in bns] if track else [],
+            [bn.num_batches_tracked for bn in bns] if track and first.num_batches_tracked is not None else [],
+            None if first is None else first.momentum, 1e-5 if first is None else first.eps)
+        self._edge_plans[key] = made
+        return made
+
+    @staticmethod
+    def _body(p: Plan, x: torch.Tensor, relu: Optional[torch.Tensor]) -> torch.Tensor:
+        h = relu if p.relu else x
+        for m in p.body:
+            h = m(h)
+        return h
+
+    def _fused(self, x: torch.Tensor, weights: torch.Tensor, slots: Tuple[int, ...]) -> torch.Tensor:
+        e = self.edge_plan(slots)
+        relu = F.relu(x) if e.relu else None
+        ys = [self._body(p, x, relu) if p.bn is None else p.bn(self._body(p, x, relu)) for p in e.plain]
+        if e.folded:
+            # One native op (csrc/): BN statistics, running-stat update, normalize, pool/skip
+            # from x and mix; weights is the edge's whole row, read through w_index.
+            zs = [self._body(p, x, relu) for p in e.folded]
+            return torch.ops.gaea.mixed_op_bn.default(
+                x, ys, zs, weights, e.pf, e.running_means, e.running_vars, e.batches_tracked, e.momentum, e.eps,
+                e.w_index)[0]
+        order = e.w_index
         w = weights if order == list(range(len(self.names))) else weights.index_select(0, self._index(order, weights.device))
-        if zs:
-            return self._mix_bn(x, ys, zs, bns, w, codes)
-        if codes:
-            return ops.mixed_op_pf(x, ys, w, codes)
+        if e.pf:
+            return ops.mixed_op_pf(x, ys, w, e.pf)
         return ops.mixed_op(ys, w)
 
     @staticmethod
     def _foldable(bn: nn.BatchNorm2d, folded: List[nn.BatchNorm2d]) -> bool:
-        # One mixed_op_bn call takes one momentum / eps and running stats for all or none.
         if not bn.training:
             return False
         if not folded:
             return True
         first = folded[0]
         return (bn.eps, bn.momentum, bn.track_running_stats) == (first.eps, first.momentum, first.track_running_stats)
-
-    @staticmethod
-    def _mix_bn(x, ys, zs, bns, w, codes) -> torch.Tensor:
-        first = bns[0]
-        momentum = 0.0 if first.momentum is None else first.momentum
-        track = first.track_running_stats and first.running_mean is not None
-        if track:
-            # nn.BatchNorm2d.forward's bookkeeping: count the batch, and momentum=None means a
-            # cumulative average.
-            for bn in bns:
-                bn.num_batches_tracked.add_(1)
-            if first.momentum is None:
-                momentum = 1.0 / float(first.num_batches_tracked)
-        return mixed_op_bn(x, ys, zs, w, codes,
-                           [bn.running_mean for bn in bns] if track else [],
-                           [bn.running_var for bn in bns] if track else [], momentum, first.eps)

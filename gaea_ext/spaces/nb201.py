@@ -66,8 +66,12 @@ class SearchCell(nn.Module):
     def forward(self, x, weights, hard=None):
         nodes = [x]
         for j in range(1, 4):
-            nodes.append(sum(self.edges[e](nodes[i], weights[e], None if hard is None else hard[e])
-                             for e, (i, t) in enumerate(EDGES) if t == j))
+            node = None
+            for e, (i, t) in enumerate(EDGES):
+                if t == j:
+                    out = self.edges[e](nodes[i], weights[e], None if hard is None else hard[e])
+                    node = out if node is None else node + out  # not sum(): no `0 + out` op
+            nodes.append(node)
         return nodes[3]
 
 
