@@ -48,6 +48,8 @@ class MixedOpBn : public torch::autograd::Function<MixedOpBn> {
     for (at::TensorList list : {e.running_means, e.running_vars, e.batches_tracked})
       for (const at::Tensor& t : list) torch::autograd::impl::bump_version(t);
     ctx->mark_non_differentiable({stats});
+    // stats never gets a gradient: don't let the engine allocate zeros for it every call.
+    ctx->set_materialize_grads(false);
     // x only when a parameter-free candidate is recomputed from it; never a normalized output.
     variable_list saved;
     saved.reserve(ys.size() + zs.size() + 3);

@@ -9,7 +9,8 @@ import torch
 
 import gaea_ext
 
-OPS = ["gaea::mixed_op", "gaea::mixed_op_backward", "gaea::mixed_op_pf", "gaea::mixed_op_pf_backward", "gaea::eg_update_"]
+OPS = ["gaea::mixed_op", "gaea::mixed_op_backward", "gaea::mixed_op_pf", "gaea::mixed_op_pf_backward",
+       "gaea::mixed_op_bn", "gaea::mixed_op_bn_backward", "gaea::eg_update_"]
 
 
 def test_build_info_keys_and_types():
@@ -51,3 +52,34 @@ def test_registered_kernels_match_build_info(op):
 def test_gpu_machine_has_cuda_build():
     """On a GPU machine the cuda test cases need the CUDA kernels: fail loudly, don't skip."""
     assert gaea_ext.build_info()["cuda"], "a GPU is visible but gaea_ext was built without CUDA"
+
+
+def test_mixed_op_bn_autograd_is_native():
+    """mixed_op_bn's autograd is a C++ kernel (csrc/autograd.cpp), not Python glue: a call
+    runs no Python between the op and its kernels."""
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    assert has("gaea::mixed_op_bn", "Autograd") or has("gaea::mixed_op_bn", "AutogradCPU")
+    import gaea_ext.bn_mixed as bn_mixed
+
+    calls = []
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    z = torch.randn(2, 3, 4, 4, requires_grad=True)
+    w = torch.rand(3, requires_grad=True)
+
+    def tracer(frame, event, arg):
+        if event == "call":
+            calls.append(frame.f_code.co_filename)
+        return None
+
+    import sys
+
+    old = sys.getprofile()
+    sys.setprofile(tracer)
+    try:
+        out, _ = torch.ops.gaea.mixed_op_bn.default(x, [], [z], w, [1, 2], [], [], [], 0.1, 1e-5, [])
+        out.sum().backward()
+    finally:
+        sys.setprofile(old)
+    assert not [f for f in calls if "gaea_ext" in f or "torch/_library" in f], sorted(set(calls))
+    assert z.grad is not None and w.grad is not None and x.grad is not None
+    assert bn_mixed.mixed_op_bn is not None

@@ -698,10 +698,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
   const int64_t nchunks = g.N == 0 ? 0 : (bw.geo.images + per - 1) / per;
   const bool want_gx = bw.grad_x.numel() > 0;
   const PfFlags f = flags_of(bw.pf);
-  at::Tensor partials = at::zeros({weights_grad ? nchunks : 0, KP}, bw.w.options());
-  at::Tensor rows = at::zeros({nchunks, (1 + Z) * C}, bw.w.options());
-  at::Tensor coef = at::empty({1 + Z, C}, bw.w.options());  // gmean, then gcoef per z
-  at::Tensor grad_w = at::zeros({KP}, bw.w.options());            // per candidate
+  // Host scratch as plain vectors (no tensor allocations besides the outputs).
   at::Tensor grad_all = at::zeros(bw.w.sizes(), bw.w.options());  // per weights entry
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bw.grad.scalar_type(), "mixed_op_bn_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -736,8 +733,9 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
     a.gx = want_gx ? bw.grad_x.mutable_data_ptr<scalar_t>() : nullptr;
     a.dots = weights_grad;
     // Pass 1: per-channel sums, one row per chunk, then summed in chunk order.
-    acc_t* rp = rows.mutable_data_ptr<acc_t>();
     const int64_t RW = (1 + Z) * C;
+    std::vector<acc_t> rows(nchunks * RW, acc_t(0));
+    acc_t* rp = rows.data();
     at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
       std::vector<acc_t> ga(g.N);
       for (int64_t c = cb; c < ce; ++c) {
@@ -749,8 +747,9 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
     std::vector<acc_t> sums(RW, acc_t(0));
     for (int64_t c = 0; c < nchunks; ++c)
       for (int64_t r = 0; r < RW; ++r) sums[r] += rp[c * RW + r];
-    acc_t* cf = coef.mutable_data_ptr<acc_t>();
-    acc_t* gw = grad_w.mutable_data_ptr<acc_t>();
+    std::vector<acc_t> coef(RW), grad_w(KP, acc_t(0));  // coef: gmean, then gcoef per z
+    acc_t* cf = coef.data();
+    acc_t* gw = grad_w.data();
     const acc_t inv_m = acc_t(1) / static_cast<acc_t>(bw.ch.M);
     for (int64_t c = 0; c < C; ++c) cf[c] = sums[c] * inv_m;
     for (int64_t j = 0; j < Z; ++j) {
@@ -768,7 +767,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
     // Pass 2: the engine's elementwise backward.
     const auto count = window_counts<acc_t>(g, f.avg);
     a.count = count.data();
-    acc_t* parts = partials.mutable_data_ptr<acc_t>();
+    std::vector<acc_t> partials(weights_grad ? nchunks * KP : 0, acc_t(0));
+    acc_t* parts = partials.data();
     at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
       Scratch<acc_t> s(g.N);
       std::vector<acc_t> dummy(KP);
@@ -778,7 +778,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
         cpu_has_avx2() ? backward_avx2(a, f, ib, ie, part, s) : backward_base(a, f, ib, ie, part, s);
       }
     });
-    for (int64_t c = 0; c < partials.size(0); ++c)
+    for (int64_t c = 0; c < (weights_grad ? nchunks : 0); ++c)
       for (int64_t k = 0; k < KP; ++k)
         if (k < K || k >= K + Z) gw[k] += parts[c * KP + k];
     acc_t* gall = grad_all.mutable_data_ptr<acc_t>();
