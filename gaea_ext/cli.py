@@ -11,7 +11,7 @@
     torchrun --nproc_per_node=P -m gaea_ext search ...   # data parallel
 
 User errors (bad names, missing data, malformed tables, corrupt checkpoints) print one line
-and exit with status 2.
+and exit with status 2. As a command it tunes glibc malloc first (gaea_ext/allocator.py).
 """
 from __future__ import annotations
 
@@ -177,6 +177,14 @@ def cmd_plot(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The `gaea` command. Run as the process's command (argv None: `gaea ...`, `python -m
+    gaea_ext ...`) it first applies the command's malloc settings (gaea_ext.allocator; opt out
+    with GAEA_MALLOC=default); called with an argument list, as tests and other programs do,
+    it leaves the process's allocator alone."""
+    if argv is None:
+        from gaea_ext import allocator
+
+        allocator.configure()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.cmd is None:
