@@ -38,6 +38,9 @@ buffers excluded): the activation memory the two paths differ in.
     # seconds, toy sizes, every case: does it still run?
     .venv/bin/python bench/search_speed.py --smoke --device cpu
 
+bench/host_cost.py reuses `search_path` to count the ops a step dispatches and to time it on
+tiny, host-bound inputs (issue 11).
+
 Overrides take a value for every case or case=value pairs: --batch 32, --batch pcdarts=64,
 --batch 16,pcdarts=64 (the bare value for all, pairs for the named). --smoke runs every case
 at toy sizes (seconds), to check that the script and the steps it calls still work.
@@ -137,8 +140,9 @@ def per_case(text: Optional[str], flag: str) -> Dict[str, int]:
 
 # -- steps: the real ones, on a stand-in object ---------------------------------------------
 
-def search_path(case: Case, fused: bool, args, device: torch.device):
-    """(network, step(x, y, xa, ya)) running Search.arch_step then Search.weight_step."""
+def search_path(case: Case, fused: bool, args, device: torch.device, foreach: Optional[bool] = None):
+    """(network, step(x, y, xa, ya)) running Search.arch_step then Search.weight_step; `foreach`
+    is SGD's (None: torch's default, as `gaea search`)."""
     torch.manual_seed(0)
     cfg = SearchConfig(space=case.space, method=case.method, batch_size=case.batch, channels=case.channels,
                        cells=case.cells, exclude_none=case.space == "nb201", partial=case.partial, stem="cifar",
@@ -151,7 +155,8 @@ def search_path(case: Case, fused: bool, args, device: torch.device):
                          tau=(cfg.tau_max, cfg.tau_min)).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    w_opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    w_opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                            foreach=foreach)
     s = SimpleNamespace(cfg=cfg, model=model, method=method, w_opt=w_opt, forward=model,  # eager, as Search
                         prec=Precision(cfg.amp, device, cfg.channels_last))         # without --compile
     s.weights = lambda: Search.weights(s)
