@@ -271,3 +271,78 @@ def test_nb201_fused_saves_at_most_0_6x_of_plain():
         seen = _saved_bytes(lambda: net(x, arch))
         saved.append(sum(n for p, n in seen.items() if p not in params))
     assert saved[0] <= 0.6 * saved[1], saved
+
+
+# --------------------------------------------------------------------------------------
+# The native op's extras: num_batches_tracked / momentum=None, w_index, partial grads
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("momentum", [0.3, None])
+def test_batches_tracked_and_cumulative_momentum_follow_nn_batchnorm(device, momentum):
+    """Three calls: the op increments num_batches_tracked and, with momentum=None, averages
+    cumulatively, exactly as two nn.BatchNorm2d modules in train mode do."""
+    torch.manual_seed(0)
+    bns = [nn.BatchNorm2d(5, affine=False, momentum=momentum).to(device) for _ in range(2)]
+    rms = [torch.zeros(5, device=device) for _ in bns]
+    rvs = [torch.ones(5, device=device) for _ in bns]
+    nbts = [torch.zeros((), dtype=torch.long, device=device) for _ in bns]
+    for _ in range(3):
+        zs = [torch.randn(4, 5, 6, 6, device=device) * 2 + 3 for _ in bns]
+        w = torch.tensor([0.25, 0.75], device=device)
+        out = gaea_ext.mixed_op_bn(zs[0], [], zs, w, (), rms, rvs, momentum, 1e-5, nbts)
+        expect = 0.25 * bns[0](zs[0]) + 0.75 * bns[1](zs[1])
+        torch.testing.assert_close(out, expect)
+    exact = (0, 0) if device == "cpu" else (1e-6, 1e-5)  # CPU: aten's own statistics routine
+    for bn, rm, rv, n in zip(bns, rms, rvs, nbts):
+        assert int(n) == int(bn.num_batches_tracked) == 3
+        torch.testing.assert_close(rm, bn.running_mean, rtol=exact[1], atol=exact[0])
+        torch.testing.assert_close(rv, bn.running_var, rtol=exact[1], atol=exact[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_w_index_reads_a_whole_row(device):
+    """w_index lets an edge pass its whole weight row (`none` included): same values and
+    gradients as gathering the row first; entries no candidate reads get zero gradient."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 5, 5, device=device, dtype=torch.float64)
+    ys = [torch.randn_like(x)]
+    zs = [torch.randn_like(x) * 2 + 1 for _ in range(2)]
+    row = torch.rand(6, device=device, dtype=torch.float64)
+    idx = [4, 1, 3, 0, 5]  # y, z0, z1, skip, avg; entry 2 (say `none`) unused
+    g = torch.randn_like(x)
+    results = []
+    for use_index in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (x, *ys, *zs, row)]
+        lx, ly, lz0, lz1, lrow = leaves
+        w = lrow if use_index else lrow[idx]
+        out = gaea_ext.mixed_op_bn(lx, [ly], [lz0, lz1], w, (SKIP, AVG), w_index=idx if use_index else ())
+        out.backward(g)
+        results.append([out, *(leaf.grad for leaf in leaves)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert results[0][-1][2] == 0
+    with pytest.raises(RuntimeError, match="w_index"):
+        gaea_ext.mixed_op_bn(x, ys, zs, row, (SKIP, AVG), w_index=[4, 1, 3, 0])
+    with pytest.raises(RuntimeError, match="outside weights"):
+        gaea_ext.mixed_op_bn(x, ys, zs, row, (SKIP, AVG), w_index=[4, 1, 3, 0, 6])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients_only_where_wanted(device):
+    """Inputs that do not require grad get none, the others are unchanged (zs_mask, ys_mask,
+    x_grad, weights_grad of the backward op)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, device=device, dtype=torch.float64)
+    y = torch.randn_like(x)
+    z0, z1 = torch.randn_like(x), torch.randn_like(x)
+    w = torch.rand(5, device=device, dtype=torch.float64)
+    g = torch.randn_like(x)
+    full = [t.clone().requires_grad_() for t in (x, y, z0, z1, w)]
+    gaea_ext.mixed_op_bn(full[0], [full[1]], full[2:4], full[4], (SKIP, MAX)).backward(g)
+    part = [t.clone().requires_grad_(i in (2, 4)) for i, t in enumerate((x, y, z0, z1, w))]
+    gaea_ext.mixed_op_bn(part[0], [part[1]], part[2:4], part[4], (SKIP, MAX)).backward(g)
+    assert [t.grad is None for t in part] == [True, True, False, True, False]
+    torch.testing.assert_close(part[2].grad, full[2].grad, rtol=0, atol=0)
+    torch.testing.assert_close(part[4].grad, full[4].grad, rtol=0, atol=0)
