@@ -255,10 +255,15 @@ def count(case: Case, fused: bool, args, where: bool = False) -> OpCounter:
     return c
 
 
-def host_times(case: Case, args) -> Dict[str, float]:
-    """Median seconds per tiny step, one thread, interleaved A B B A ..."""
+def host_times(case: Case, args, mkldnn: bool = True) -> Dict[str, float]:
+    """Median seconds per tiny step, one thread, interleaved A B B A ... mkldnn=False runs the
+    convolutions on ATen's plain CPU kernels instead of oneDNN, whose fixed cost per call
+    (~50-70 us for a 2x4x8x8 conv here, the same on both paths) is a CPU library's, not a
+    dispatch cost a GPU launch would have."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    flags = torch.backends.mkldnn.flags(enabled=mkldnn)
+    flags.__enter__()
     try:
         runs = {name: tiny_step(case, fused, args)[1] for name, fused in (("fused", True), ("no-fused", False))}
         for i in range(args.host_warmup):
@@ -276,6 +281,7 @@ def host_times(case: Case, args) -> Dict[str, float]:
                 times[name].append(time.perf_counter() - t)
         return {name: statistics.median(v) for name, v in times.items()}
     finally:
+        flags.__exit__(None, None, None)
         torch.set_num_threads(threads)
 
 
@@ -288,6 +294,7 @@ class Result:
     edges: int = 0
     counts: Dict[str, OpCounter] = field(default_factory=dict)
     host_s: Dict[str, float] = field(default_factory=dict)
+    host_plain_s: Dict[str, float] = field(default_factory=dict)  # oneDNN off
     paper: Optional[Dict[str, Dict[str, float]]] = None
     paper_case: Optional[Case] = None
     reps: int = 0
@@ -337,6 +344,10 @@ def report(results: List[Result], argv: List[str], tuned: Optional[str], top: in
             lines.append(f"| {t.name} | host-bound step ms (C={t.channels}, {t.resolution}x{t.resolution}, batch "
                          f"{t.batch}, 1 thread, median of {r.reps}) | {1e3 * r.host_s['fused']:.1f} | "
                          f"{1e3 * r.host_s['no-fused']:.1f} | {ratio(r.host_s['fused'], r.host_s['no-fused'])} |")
+        if r.host_plain_s:
+            h = r.host_plain_s
+            lines.append(f"| {t.name} | ... the same, convolutions on ATen's plain kernels (oneDNN off) | "
+                         f"{1e3 * h['fused']:.1f} | {1e3 * h['no-fused']:.1f} | {ratio(h['fused'], h['no-fused'])} |")
         if r.paper:
             p, c = r.paper, r.paper_case
             lines.append(f"| {t.name} | paper-size CPU step images/s ({c.setup()}, {torch.get_num_threads()} threads) | "
@@ -415,6 +426,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not args.no_host:
             print(f"== {n}: host-bound time, {args.reps} reps", file=sys.stderr, flush=True)
             r.host_s = host_times(tiny, args)
+            r.host_plain_s = host_times(tiny, args, mkldnn=False)
         if args.paper_steps > 0:
             r.paper_case = replace(case, batch=batches.get(n, case.batch))
             if args.smoke:

@@ -172,7 +172,8 @@ class Search:
         self.method.optimizer.step()
 
     def weight_step(self, x, y, arch_too: bool = False):
-        params = list(self.model.parameters())
+        # The weight optimizer's own list: model.parameters() walks every module each step.
+        params = [p for group in self.w_opt.param_groups for p in group["params"]]
         arch_params = self.method.params() if arch_too else []
         self.w_opt.zero_grad(set_to_none=True)
         weights = self.weights()

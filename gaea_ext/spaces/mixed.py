@@ -208,7 +208,7 @@ class MixedOp(nn.Module):
 
     def _fused(self, x: torch.Tensor, weights: torch.Tensor, slots: Tuple[int, ...]) -> torch.Tensor:
         e = self.edge_plan(slots)
-        relu = F.relu(x) if e.relu else None
+        relu = torch.relu(x) if e.relu else None
         ys = [self._body(p, x, relu) if p.bn is None else p.bn(self._body(p, x, relu)) for p in e.plain]
         if e.folded:
             # One native op (csrc/): BN statistics, running-stat update, normalize, pool/skip
