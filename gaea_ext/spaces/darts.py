@@ -40,12 +40,15 @@ class SearchCell(nn.Module):
 
     def forward(self, s0, s1, weights, betas: Optional[List[torch.Tensor]], hard: Optional[List[int]]):
         states = [self.pre0(s0), self.pre1(s1)]
+        weights = weights.unbind(0)  # one view per cell, one stack in backward (not a select per edge)
+        if betas is not None:
+            betas = [b[0].unbind(0) for b in betas]
         e = 0
         for node in range(STEPS):
             acc = None
             for j, h in enumerate(states):
                 out = self.edges[e](h, weights[e], None if hard is None else hard[e])
-                out = out if betas is None else betas[node][0, j] * out
+                out = out if betas is None else betas[node][j] * out
                 acc = out if acc is None else acc + out  # not sum(): no `0 + out` op
                 e += 1
             states.append(acc)

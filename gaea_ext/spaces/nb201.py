@@ -64,6 +64,9 @@ class SearchCell(nn.Module):
         self.edges = nn.ModuleList(MixedOp(op_names, build, fused) for _ in EDGES)
 
     def forward(self, x, weights, hard=None):
+        # One unbind per cell (a view; its backward is one stack) rather than a select per
+        # edge (a select_backward each, then one add per edge into the table's gradient).
+        weights = weights.unbind(0)
         nodes = [x]
         for j in range(1, 4):
             node = None
