@@ -346,3 +346,52 @@ def test_gradients_only_where_wanted(device):
     assert [t.grad is None for t in part] == [True, True, False, True, False]
     torch.testing.assert_close(part[2].grad, full[2].grad, rtol=0, atol=0)
     torch.testing.assert_close(part[4].grad, full[4].grad, rtol=0, atol=0)
+
+
+def _dispatched(fn):
+    """Aten/gaea ops that reach a backend while fn runs (views and empty allocations aside)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            schema = func._schema
+            view = any(a.alias_info is not None and not a.alias_info.is_write for a in schema.returns)
+            if not view and func.__name__.split(".")[0] not in ("empty", "empty_strided", "empty_like"):
+                seen.append(str(func.overloadpacket))
+            return out
+
+    with Count():
+        fn()
+    return seen
+
+
+def test_nb201_edge_dispatches_few_ops():
+    """One NB201 edge, forward + backward, fused: the shared ReLU, the two convs, one
+    mixed_op_bn each way and autograd's own adds; no per-call glue (index_select, stacks,
+    copies of running stats, zero grads). The eager twin needs about three times as many."""
+    from gaea_ext.spaces.mixed import MixedOp
+    from gaea_ext.spaces.nb201 import candidate_builders
+
+    names = ["skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3", "none"]
+    counts = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        edge = MixedOp(names, candidate_builders(4), fused)
+        x = torch.randn(2, 4, 6, 6, requires_grad=True)
+        row = torch.full((5,), 0.2, requires_grad=True)
+
+        def step():
+            edge(x, row).sum().backward()
+
+        step()  # plans cached, lazy state built
+        counts[fused] = _dispatched(step)
+    fused = sorted(counts[True])
+    assert fused.count("gaea.mixed_op_bn") == 1 and fused.count("gaea.mixed_op_bn_backward") == 1, fused
+    assert not {"aten.index_select", "aten.stack", "aten.clone", "aten.copy_", "aten.zeros",
+                "aten.native_batch_norm", "aten.select_backward"} & set(fused), fused
+    # relu, 2 conv, op, sum | seed, op, 2 conv bwd, relu bwd, 2 adds, 4 leaf-grad add_ (16 seen)
+    assert len(fused) <= 16, fused
+    assert len(fused) <= 0.35 * len(counts[False]), (len(fused), len(counts[False]))  # 16 vs 54 seen
