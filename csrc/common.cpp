@@ -196,13 +196,6 @@ PfBackward prepare_pf_backward(const at::Tensor& grad, const at::Tensor& x, at::
   return b;
 }
 
-int64_t eg_rows(at::TensorList params) {
-  int64_t rows = 0;
-  for (const auto& p : params)
-    if (p.numel() > 0) rows += p.numel() / p.size(-1);
-  return rows;
-}
-
 void check_eg_update(at::TensorList params, at::TensorList grads,
                      const c10::optional<at::Tensor>& lr_tensor, double eps) {
   TORCH_CHECK(!params.empty(), "eg_update_: params is an empty list");

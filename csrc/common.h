@@ -73,9 +73,6 @@ PfBackward prepare_pf_backward(const at::Tensor& grad, const at::Tensor& x, at::
                                const at::Tensor& weights, at::IntArrayRef pf,
                                const c10::List<bool>& ys_mask, bool x_grad);
 
-// Rows (last dimension) in all params: what a step with a non-finite lr tensor skips.
-int64_t eg_rows(at::TensorList params);
-
 void check_eg_update(at::TensorList params, at::TensorList grads,
                      const c10::optional<at::Tensor>& lr_tensor, double eps);
 

@@ -66,6 +66,14 @@ int64_t eg_tensor(at::Tensor& p, const at::Tensor& g, double lr, double eps) {
   return skipped.load();
 }
 
+// Rows (last dimension) in all params: what a step with a non-finite lr tensor skips.
+int64_t eg_rows(at::TensorList params) {
+  int64_t rows = 0;
+  for (const auto& p : params)
+    if (p.numel() > 0) rows += p.numel() / p.size(-1);
+  return rows;
+}
+
 }  // namespace
 
 at::Tensor eg_update_cpu(at::TensorList params, at::TensorList grads, double lr,
