@@ -206,6 +206,11 @@ def eg_update_(
     domain so it cannot overflow. A row whose grad (or param) is not finite is left as is.
     lr may be a 0-d tensor on the params' device, which keeps the step free of host syncs
     (CUDA-graph capturable). Returns the number of rows skipped, as a 0-d int64 tensor.
+
+    A non-finite float lr raises. A non-finite lr tensor is not checked on the host (that
+    would sync): every row is left unchanged and counted, on the CPU and on CUDA alike. A CPU
+    lr tensor with CUDA params is read on the host at each call, so it is refused while a
+    CUDA graph is being captured (the graph would keep its first value).
     """
     params: List[Tensor] = list(params)
     grads: List[Tensor] = list(grads)

@@ -82,8 +82,13 @@ def eg_update_(
 ) -> Tensor:
     """Overflow-safe exponentiated-gradient step; rows with non-finite grads are skipped.
 
+    A non-finite float lr raises; a non-finite lr tensor skips (and counts) every row, as the
+    kernels do (they never read a device lr on the host).
+
     Returns the number of skipped rows as a 0-d int64 tensor on the params' device.
     """
+    if not isinstance(lr, Tensor) and not math.isfinite(lr):
+        raise RuntimeError(f"eg_update_: lr must be finite, got {lr}")
     skipped = torch.zeros((), dtype=torch.long, device=params[0].device)
     for p, g in zip(params, grads, strict=True):
         acc = _acc(p.dtype)
@@ -92,7 +97,8 @@ def eg_update_(
         if eps > 0:
             logits = logits.clamp(min=math.log(eps))
         bad = (
-            ~torch.isfinite(g).all(-1)
+            ~torch.isfinite(torch.as_tensor(step, device=p.device))  # a non-finite lr tensor: every row
+            | ~torch.isfinite(g).all(-1)
             | torch.isnan(logits).any(-1)
             | (logits == math.inf).any(-1)
             | (logits.amax(-1) == -math.inf)

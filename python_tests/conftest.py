@@ -321,3 +321,25 @@ def run_log(out: str) -> list:
     """RUN_DIR/log.jsonl, one record per epoch."""
     with open(os.path.join(out, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+# --------------------------------------------------------------------------------------
+# The `cuda` marker: every CUDA case, so bench/gpu_check.sh can run them all with `-m cuda`
+# (a `-k cuda` name filter misses @cuda_only tests whose names lack the word)
+# --------------------------------------------------------------------------------------
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: a CUDA case (skipped without a GPU); added automatically")
+
+
+def _is_cuda_case(item) -> bool:
+    if "cuda" in item.name:
+        return True
+    return any(m.kwargs.get("reason") == CUDA_SKIP_REASON for m in item.iter_markers("skipif"))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _is_cuda_case(item):
+            item.add_marker(pytest.mark.cuda)

@@ -54,6 +54,30 @@ def test_pcdarts_edge_only_mixes_a_quarter_of_the_channels():
     assert first_conv.in_channels == c // 4
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pcdarts_channels_last_edge_mixes_in_channels_last(stride):
+    """x[:, :C/K] of an NHWC tensor is dense in neither layout: the edge makes it dense once in
+    x's layout, so the fused op is not pushed to NCHW (which transposed all K candidates in the
+    forward and again in the backward); results equal the NCHW edge's."""
+    from gaea_ext.spaces.pcdarts import PartialEdge
+
+    torch.manual_seed(0)
+    edge = PartialEdge(16, stride, PRIMITIVES, fused=True, k=4).double()
+    x = torch.randn(2, 16, 8, 8, dtype=torch.float64)
+    w = torch.softmax(torch.randn(len(PRIMITIVES), dtype=torch.float64), -1)
+    ref = edge(x, w)
+    edge = edge.to(memory_format=torch.channels_last)
+    seen = {}
+    edge.mixed.register_forward_hook(lambda m, args, out: seen.update(x=args[0], out=out))
+    xl = x.to(memory_format=torch.channels_last).requires_grad_()
+    out = edge(xl, w)
+    assert seen["x"].shape[1] == 4 and seen["x"].is_contiguous(memory_format=torch.channels_last)
+    assert seen["out"].is_contiguous(memory_format=torch.channels_last), "the mixed op fell back to NCHW"
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    out.sum().backward()
+    assert xl.grad is not None and xl.grad.shape == x.shape
+
+
 @pytest.mark.parametrize("space_kw", [{}, {"partial": 4, "edge_weights": True}], ids=["darts", "pcdarts"])
 def test_fused_matches_reference_forward_backward(space_kw):
     torch.manual_seed(0)

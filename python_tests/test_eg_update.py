@@ -490,6 +490,31 @@ def test_bad_input_nonfinite_float_lr(lr, device):
     assert torch.equal(p, before)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lr_device", ["params", "cpu"])
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_lr_tensor_skips_every_row(lr, lr_device, device):
+    """A non-finite lr tensor is not checked on the host (a device value would need a sync):
+    on every device, and in the reference twin, it leaves every row as it was and counts it.
+    (inf with a zero grad would otherwise give NaN, and -inf a uniform row.)"""
+    ps = [simplex((6, 5), torch.float32, device), simplex((7,), torch.float64, device),
+          simplex((2, 3, 4), torch.float16, device), torch.empty(0, 3, device=device)]
+    gs = [torch.randn(p.shape, device=device).to(p.dtype) for p in ps]
+    gs[0][0].zero_()
+    before = [p.clone() for p in ps]
+    lr_t = torch.tensor(lr, device=device if lr_device == "params" else "cpu")
+    n = gaea_ext.eg_update_(ps, gs, lr_t)
+    assert n.device == ps[0].device and int(n) == 6 + 1 + 6
+    for p, b in zip(ps, before):
+        assert_bitwise_equal(p, b, "rows under a non-finite lr")
+    ref = [p.clone() for p in before]
+    assert int(reference.eg_update_(ref, gs, lr_t)) == 13
+    for p, b in zip(ref, before):
+        assert_bitwise_equal(p, b, "reference rows under a non-finite lr")
+    with pytest.raises(RuntimeError, match=r"lr must be finite"):  # a float is checked, as before
+        reference.eg_update_(ref, gs, lr)
+
+
 @cuda_only
 def test_bad_input_devices():
     p, g = _pg("cuda")
@@ -592,3 +617,44 @@ def test_cuda_lr_tensor_does_not_sync():
         gaea_ext.eg_update_([p], [g], lr)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda_only
+def test_cuda_graph_capture_refuses_cpu_lr_tensor():
+    """A CPU lr tensor is read on the host once per call: a capture would freeze its value."""
+    ps = [simplex((14, 8), torch.float32, "cuda")]
+    gs = [torch.randn(14, 8, device="cuda")]
+    lr = torch.tensor(0.5)
+    gaea_ext.eg_update_(ps, gs, lr)  # uncaptured: fine
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        gaea_ext.eg_update_(ps, gs, 0.5)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match=r"lr tensor is on the CPU while a CUDA graph is being captured"):
+        with torch.cuda.graph(graph):
+            gaea_ext.eg_update_(ps, gs, lr)
+
+
+@cuda_only
+def test_cuda_graph_nonfinite_lr_tensor_skips_every_row():
+    """In a captured step the lr tensor may turn non-finite between replays: every row skips."""
+    p0 = [simplex((14, 8), torch.float32, "cuda")]
+    gs = [torch.randn(14, 8, device="cuda")]
+    lr = torch.tensor(0.5, device="cuda")
+    ps = [p.clone() for p in p0]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        gaea_ext.eg_update_(ps, gs, lr)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        count = gaea_ext.eg_update_(ps, gs, lr)
+    ps[0].copy_(p0[0])
+    lr.fill_(float("inf"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert int(count) == 14
+    assert_bitwise_equal(ps[0], p0[0], "rows under an inf lr")

@@ -577,6 +577,20 @@ def test_bad_input_mixed_devices():
         torch.ops.gaea.mixed_op_backward(torch.randn(3, 4), [a, a], torch.randn(2, device="cuda"), [True, True])
 
 
+@cuda_only
+def test_bad_input_cpu_tensor_first_cuda():
+    """ys[0] on the CPU and another input on CUDA dispatch to the CUDA kernel, which must
+    validate before it sets a device guard from ys[0] (a CPU device there is an internal error)."""
+    a, b = _y("cuda"), _y("cpu")
+    with pytest.raises(RuntimeError, match=r"ys\[1\] is on cuda.* but ys\[0\] is on cpu"):
+        gaea_ext.mixed_op([b, a], torch.randn(2, device="cuda"))
+    with pytest.raises(RuntimeError, match=r"weights are on cuda.* but ys are on cpu"):
+        gaea_ext.mixed_op([b, b], torch.randn(2, device="cuda"))
+    with pytest.raises(RuntimeError, match=r"ys\[1\] is on cuda.* but ys\[0\] is on cpu"):
+        torch.ops.gaea.mixed_op_backward(torch.randn(3, 4, device="cuda"), [b, a], torch.randn(2, device="cuda"),
+                                         [True, True])
+
+
 # --------------------------------------------------------------------------------------
 # weights_grad=False and second derivatives
 # --------------------------------------------------------------------------------------

@@ -655,6 +655,19 @@ def test_bad_input_mixed_devices():
         torch.ops.gaea.mixed_op_pf_backward(_t("cpu"), x, [], torch.randn(1, device="cuda"), [1], [], True, True)
 
 
+@cuda_only
+def test_bad_input_cpu_x_cuda():
+    """x on the CPU with CUDA ys or weights reaches the CUDA kernel: validated before its
+    device guard (set from x), so the message names the devices."""
+    x = _t("cpu")
+    with pytest.raises(RuntimeError, match=r"ys\[0\] is on cuda.* but x is on cpu"):
+        torch.ops.gaea.mixed_op_pf(x, [_t("cuda")], torch.randn(2, device="cuda"), [1])
+    with pytest.raises(RuntimeError, match=r"weights are on cuda.* but x is on cpu"):
+        gaea_ext.mixed_op_pf(x, [], torch.randn(1, device="cuda"), ["skip_connect"])
+    with pytest.raises(RuntimeError, match=r"weights are on cuda.* but x is on cpu"):
+        torch.ops.gaea.mixed_op_pf_backward(_t("cuda"), x, [], torch.randn(1, device="cuda"), [1], [], True, True)
+
+
 # --------------------------------------------------------------------------------------
 # MixedOp: NB201 edges take mixed_op_pf, DARTS edges do not, and the results agree
 # --------------------------------------------------------------------------------------

@@ -66,12 +66,25 @@ int64_t eg_tensor(at::Tensor& p, const at::Tensor& g, double lr, double eps) {
   return skipped.load();
 }
 
+// Rows (last dimension) in all params: what a step with a non-finite lr tensor skips.
+int64_t eg_rows(at::TensorList params) {
+  int64_t rows = 0;
+  for (const auto& p : params)
+    if (p.numel() > 0) rows += p.numel() / p.size(-1);
+  return rows;
+}
+
 }  // namespace
 
 at::Tensor eg_update_cpu(at::TensorList params, at::TensorList grads, double lr,
                          const c10::optional<at::Tensor>& lr_tensor, double eps) {
   check_eg_update(params, grads, lr_tensor, eps);
-  if (lr_tensor.has_value()) lr = lr_tensor->item<double>();
+  if (lr_tensor.has_value()) {
+    lr = lr_tensor->item<double>();
+    // As on CUDA, where the value is only read on the device: a non-finite lr tensor leaves
+    // every row unchanged and counts it (a float lr is checked on the host below).
+    if (!std::isfinite(lr)) return at::scalar_tensor(eg_rows(params), at::kLong);
+  }
   TORCH_CHECK(std::isfinite(lr), "eg_update_: lr must be finite, got ", lr);
   int64_t skipped = 0;
   for (size_t i = 0; i < params.size(); ++i) {

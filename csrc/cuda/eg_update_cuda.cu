@@ -2,6 +2,7 @@
 // lr may live on the device, so the step needs no host sync and can be graph-captured.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -40,7 +41,7 @@ struct EgRow {
   __device__ void operator()(scalar_t* p, const scalar_t* g, int64_t L, int lane) const {
     constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
     const acc_t step = lr_dev != nullptr ? *lr_dev : lr;
-    bool bad = false;
+    bool bad = !isfinite(step);  // a non-finite lr tensor: every row is skipped and counted
     acc_t m = -inf;
     for (int64_t i = lane; i < L; i += kWarp) {
       const acc_t raw = raw_logit(p, g, i, step);
@@ -68,8 +69,16 @@ at::Tensor eg_update_cuda(at::TensorList params, at::TensorList grads, double lr
   check_eg_update(params, grads, lr_tensor, eps);
   const c10::cuda::CUDAGuard guard(params[0].device());
   const bool lr_on_device = lr_tensor.has_value() && lr_tensor->is_cuda();
-  if (lr_tensor.has_value() && !lr_on_device) lr = lr_tensor->item<double>();  // CPU: no sync
-  TORCH_CHECK(std::isfinite(lr), "eg_update_: lr must be finite, got ", lr);
+  if (lr_tensor.has_value() && !lr_on_device) {
+    // A CPU lr is read here, once: a graph captured now would replay that value forever.
+    TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+                "eg_update_: the lr tensor is on the CPU while a CUDA graph is being captured; its value "
+                "would be frozen into the graph. Put the lr tensor on ", params[0].device(),
+                " (or pass a float)");
+    lr = lr_tensor->item<double>();  // CPU: no sync; a non-finite value skips every row below
+  } else {
+    TORCH_CHECK(std::isfinite(lr), "eg_update_: lr must be finite, got ", lr);
+  }
   at::Tensor skipped = at::zeros({}, params[0].options().dtype(at::kLong));
 
   // Work on contiguous tensors; the rare strided param is updated through a copy.

@@ -1,14 +1,17 @@
 // CUDA mixed op. Forward moves (K+1)·N elements, backward at most (2K+1)·N: both are pure
 // bandwidth, so each thread issues K independent 16-byte loads per step and the K pointers
 // ride in the launch arguments (no stacking, no pointer array in device memory).
-// K is a template parameter for the common 2..8 (dot-product accumulators stay in
-// registers); other K, or inputs that are not 16-byte aligned, take the generic kernel.
+// K is a template parameter for the common 1..8 (dot-product accumulators stay in
+// registers; K = 1 is common after --prune-below); other K, or inputs that are not 16-byte
+// aligned, take the generic kernel, whose backward handles kChunk candidates per launch so
+// that its accumulators stay few (a 64-entry array cost about 210 registers).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "../common.h"
@@ -56,17 +59,23 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Each block leaves its K partial dot products in partials[blockIdx.x * K + k]; finish_kernel
-// adds them in block order. grad_ys[k] = w[k] * grad is written in the same pass.
+// Candidates per launch of the generic backward kernel (K = 0): the host launches it once per
+// chunk of up to kChunk candidates (ys, gys, w and partials offset to the chunk), so grad is
+// read ceil(K / kChunk) times instead of once, a few percent more traffic for K > 8.
+constexpr int kChunk = 16;
+
+// Each block leaves its partial dot products in partials[blockIdx.x * ldp + k] (ldp: all K
+// candidates); finish_kernel adds them in block order. grad_ys[k] = w[k] * grad is written in
+// the same pass.
 template <typename scalar_t, int K, int V>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const scalar_t* g, Ptrs<const scalar_t> ys, Ptrs<scalar_t> gys, int k_rt,
                     const at::opmath_type<scalar_t>* w, bool dots,
-                    at::opmath_type<scalar_t>* partials, int64_t n) {
+                    at::opmath_type<scalar_t>* partials, int ldp, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int KA = K > 0 ? K : kMaxK;
+  constexpr int KA = K > 0 ? K : kChunk;
   const int nk = K > 0 ? K : k_rt;
-  __shared__ acc_t ws[kMaxK];
+  __shared__ acc_t ws[KA];
   __shared__ acc_t scratch[kThreads / kWarp][KA];
   for (int k = threadIdx.x; k < nk; k += blockDim.x) ws[k] = w[k];
   __syncthreads();
@@ -118,7 +127,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int k = threadIdx.x; k < nk; k += blockDim.x) {
     acc_t s = 0;
     for (int wi = 0; wi < kThreads / kWarp; ++wi) s += scratch[wi][k];
-    partials[static_cast<int64_t>(blockIdx.x) * nk + k] = s;
+    partials[static_cast<int64_t>(blockIdx.x) * ldp + k] = s;
   }
 }
 
@@ -132,7 +141,7 @@ void dispatch_k(int K, bool aligned, F&& f) {
 #define GAEA_CASE(k) \
   case k:            \
     return f(integral_constant<int, k>{}, integral_constant<int, V>{});
-    GAEA_CASE(2) GAEA_CASE(3) GAEA_CASE(4) GAEA_CASE(5) GAEA_CASE(6) GAEA_CASE(7) GAEA_CASE(8)
+    GAEA_CASE(1) GAEA_CASE(2) GAEA_CASE(3) GAEA_CASE(4) GAEA_CASE(5) GAEA_CASE(6) GAEA_CASE(7) GAEA_CASE(8)
 #undef GAEA_CASE
     default:
       return f(integral_constant<int, 0>{}, integral_constant<int, V>{});
@@ -142,8 +151,9 @@ void dispatch_k(int K, bool aligned, F&& f) {
 }  // namespace
 
 at::Tensor mixed_op_cuda(at::TensorList ys_in, const at::Tensor& weights) {
-  const c10::cuda::CUDAGuard guard(ys_in.empty() ? weights.device() : ys_in[0].device());
+  // Validate first: a CPU tensor among the inputs gets the "is on" message, not the guard's.
   const MixedForward f = prepare_forward(ys_in, weights);
+  const c10::cuda::CUDAGuard guard(ys_in[0].device());
   const auto& ys = f.ys;
   const at::Tensor& w = f.w;
   const at::Tensor& out = f.out;
@@ -172,8 +182,8 @@ at::Tensor mixed_op_cuda(at::TensorList ys_in, const at::Tensor& weights) {
 std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_op_backward_cuda(
     const at::Tensor& grad_in, at::TensorList ys_in, const at::Tensor& weights,
     const c10::List<bool>& ys_mask, bool weights_grad) {
-  const c10::cuda::CUDAGuard guard(ys_in.empty() ? weights.device() : ys_in[0].device());
-  const MixedBackward bw = prepare_backward(grad_in, ys_in, weights, ys_mask);
+  const MixedBackward bw = prepare_backward(grad_in, ys_in, weights, ys_mask);  // validates first
+  const c10::cuda::CUDAGuard guard(ys_in[0].device());
   const auto& ys = bw.ys;
   const at::Tensor& w = bw.w;
   const at::Tensor& grad = bw.grad;
@@ -197,10 +207,27 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_op_backward_cuda(
       constexpr int kK = decltype(kc)::value, kV = decltype(vc)::value;
       const int blocks = grid_for(n / kV);
       at::Tensor partials = at::empty({weights_grad ? blocks : 0, K}, w.options());
-      backward_kernel<scalar_t, kK, kV><<<blocks, kThreads, 0, stream>>>(
-          grad.const_data_ptr<scalar_t>(), yp, gp, K, w.const_data_ptr<acc_t>(), weights_grad,
-          partials.mutable_data_ptr<acc_t>(), n);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      acc_t* part = partials.mutable_data_ptr<acc_t>();
+      const acc_t* wp = w.const_data_ptr<acc_t>();
+      if constexpr (kK > 0) {
+        backward_kernel<scalar_t, kK, kV><<<blocks, kThreads, 0, stream>>>(
+            grad.const_data_ptr<scalar_t>(), yp, gp, K, wp, weights_grad, part, K, n);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      } else {
+        for (int k0 = 0; k0 < K; k0 += kChunk) {  // the generic kernel: one launch per chunk
+          const int nk = std::min(kChunk, K - k0);
+          Ptrs<const scalar_t> yc{};
+          Ptrs<scalar_t> gc{};
+          for (int k = 0; k < nk; ++k) {
+            yc.p[k] = yp.p[k0 + k];
+            gc.p[k] = gp.p[k0 + k];
+          }
+          backward_kernel<scalar_t, 0, kV><<<blocks, kThreads, 0, stream>>>(
+              grad.const_data_ptr<scalar_t>(), yc, gc, nk, wp + k0, weights_grad,
+              weights_grad ? part + k0 : part, K, n);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      }
       if (!weights_grad) return;
       finish_kernel<acc_t><<<K, kThreads, 0, stream>>>(partials.const_data_ptr<acc_t>(), blocks, K,
                                                       grad_w.mutable_data_ptr<acc_t>());

@@ -215,8 +215,9 @@ Codes codes_of(const std::vector<int64_t>& pf) {
 
 at::Tensor mixed_op_pf_cuda(const at::Tensor& x_in, at::TensorList ys_in, const at::Tensor& weights,
                             at::IntArrayRef pf_in) {
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  // Validate first: a CPU tensor among the inputs gets the "is on" message, not the guard's.
   const PfForward fw = prepare_pf_forward(x_in, ys_in, weights, pf_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t n = fw.out.numel();
   if (n == 0) return fw.out;
   const int K = static_cast<int>(fw.ys.size());
@@ -237,8 +238,8 @@ at::Tensor mixed_op_pf_cuda(const at::Tensor& x_in, at::TensorList ys_in, const 
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> mixed_op_pf_backward_cuda(
     const at::Tensor& grad_in, const at::Tensor& x_in, at::TensorList ys_in, const at::Tensor& weights,
     at::IntArrayRef pf_in, const c10::List<bool>& ys_mask, bool x_grad, bool weights_grad) {
+  const PfBackward bw = prepare_pf_backward(grad_in, x_in, ys_in, weights, pf_in, ys_mask, x_grad);  // validates first
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const PfBackward bw = prepare_pf_backward(grad_in, x_in, ys_in, weights, pf_in, ys_mask, x_grad);
   const int K = static_cast<int>(bw.ys.size());
   const Codes pf = codes_of(bw.pf);
   const int nt = K + pf.n;

@@ -13,7 +13,9 @@ reads the device), data parallel runs, and --compile.
 Every batch trains exactly once: the first `warmup` batches run eagerly on a side stream (as
 capture requires; they also create the momentum buffers), the next is captured and then
 replayed, and the rest are replayed. A step kind ("arch and weights" or "weights only", the
-latter during --arch-warmup epochs) gets its own graph. On a device other than CUDA the same
+latter during --arch-warmup epochs) gets its own graph; when the kind changes the old graph is
+released (with its private memory pool, about one step's activations) before the new one is
+captured, so at most one is held. On a device other than CUDA the same
 static-buffer path runs eagerly (`capture=False`), which is how its plumbing is tested here.
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ class GraphedStep:
         self.out: Optional[Tuple[Tensor, Tensor]] = None
         self.graph = None
         self.calls = 0
+        self.released = False
 
     def __call__(self, *batch: Tensor) -> Tuple[Tensor, Tensor]:
         if self.static is None:
@@ -59,3 +62,11 @@ class GraphedStep:
             self.out = self.step(*self.static)
         self.graph.replay()  # capture only records: this batch's step runs now
         return self.out
+
+    def release(self) -> None:
+        """Drop the graph, its outputs and static inputs, so its private memory pool can be
+        freed (torch returns the pool's blocks once no graph or tensor holds them)."""
+        if self.graph is not None:
+            self.graph.reset()
+        self.graph, self.out, self.static = None, None, None
+        self.released = True

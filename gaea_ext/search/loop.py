@@ -98,7 +98,8 @@ class Search:
             raise ValueError("--cuda-graphs runs in a single process")
         self.w_opt = torch.optim.SGD(self.model.parameters(), lr=self._lr(cfg.lr), momentum=cfg.momentum,
                                      weight_decay=cfg.weight_decay, **({"fused": True} if graphs else {}))
-        self.graphed: Dict[tuple, GraphedStep] = {}  # step kind -> its captured step
+        self.graphed: Dict[tuple, GraphedStep] = {}  # step kind -> its captured step (one at a time)
+        self._arch_opt_for_graphs()
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.w_opt, lr_factor(cfg))
         self.prec = Precision(cfg.amp, self.device, cfg.channels_last, autocast_cache=not graphs)
         self.table = NB201Table.load(cfg.nb201) if cfg.nb201 and cfg.space == "nb201" else None
@@ -138,9 +139,27 @@ class Search:
         self.best = s.get("best")
         self.prec.load_state_dict(s.get("scaler"))
         set_rng_state(s["rng"])
+        self._arch_opt_for_graphs()  # a loaded optimizer state brings its own flags and lr
 
     def _lr(self, lr: float):
         return torch.tensor(lr, device=self.device) if self.cfg.cuda_graphs else lr
+
+    def _arch_opt_for_graphs(self) -> None:
+        """--cuda-graphs with darts/pcdarts: Adam steps inside the captured step, which torch
+        only allows with capturable=True (its step counter on the device) and then wants the lr
+        on the device too. On the CPU (the uncaptured static-buffer path) capturable stays off,
+        as torch does not support it there."""
+        opt = getattr(self.method, "optimizer", None)
+        if not self.cfg.cuda_graphs or not isinstance(opt, torch.optim.Adam):
+            return
+        on_cuda = self.device.type == "cuda"
+        for group in opt.param_groups:
+            group["capturable"] = on_cuda
+            group["lr"] = self._lr(float(group["lr"]))
+            for p in group["params"]:
+                state = opt.state.get(p, {})
+                if on_cuda and "step" in state:  # from a checkpoint of an uncaptured run
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
 
     # -- steps ------------------------------------------------------------------------
     def next_arch_batch(self):
@@ -204,6 +223,11 @@ class Search:
             return self.weight_step(x, y, arch_too=same)
         key = (xa is not None, same)
         if key not in self.graphed:
+            # A new step kind (after --arch-warmup): the old graph never runs again, so free its
+            # private memory pool before the new capture takes a second one.
+            for old in self.graphed.values():
+                old.release()
+            self.graphed.clear()
             def whole(x, y, xa=None, ya=None):
                 if xa is not None:
                     self.arch_step(xa, ya)
@@ -228,7 +252,8 @@ class Search:
             loss_sum += loss * len(y)
             correct += right
             seen += len(y)
-            bar.update(1, loss=float(loss_sum) / seen if bar.enabled else 0.0,
+            # The loss is read from the device only when the bar redraws (a few times a second).
+            bar.update(1, loss=lambda seen=seen: float(loss_sum) / seen,
                        img_s=self.world * seen / (time.perf_counter() - start))
         bar.close()
         secs = time.perf_counter() - start

@@ -1,4 +1,7 @@
-"""A dependency-free progress bar for long loops; silent when stderr is not a terminal."""
+"""A dependency-free progress bar for long loops; silent when stderr is not a terminal.
+
+Stats may be given as callables (e.g. a lambda reading a device tensor): they are evaluated
+only when the bar redraws, at most every `every` seconds, not on every update."""
 from __future__ import annotations
 
 import sys
@@ -11,6 +14,7 @@ class Progress:
         self.enabled = enabled and sys.stderr.isatty()
         self.start = self.last = time.perf_counter()
         self.done = 0
+        self.redraws = 0
 
     def update(self, n: int = 1, **stats) -> None:
         self.done += n
@@ -18,6 +22,10 @@ class Progress:
         if not self.enabled or (now - self.last < self.every and self.done < self.total):
             return
         self.last = now
+        self.redraws += 1
+        # A callable stat is evaluated only here, at a redraw: reading a device value (a loss
+        # sum) syncs with the device, which must not happen on every step.
+        stats = {k: v() if callable(v) else v for k, v in stats.items()}
         width = 24
         filled = int(width * self.done / max(1, self.total))
         extra = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())

@@ -20,6 +20,20 @@ def edge_candidates(names: Sequence[str], c: int, stride: int):
     return {n: (lambda n=n: search_candidate(n, c, stride)) for n in names if n != "none"}
 
 
+def dense_slice(x: torch.Tensor, part: int) -> torch.Tensor:
+    """x[:, :part], made dense once, in x's own layout.
+
+    The slice of the channel dim is dense in neither NCHW nor NHWC (its batch stride still
+    spans all C channels), so the fused kernels, which keep a layout only when all their
+    inputs share it, fell back to NCHW and transposed every candidate of a channels_last edge,
+    in the forward and again in the backward. One copy here replaces those.
+    """
+    xs = x[:, :part]
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return xs.contiguous(memory_format=torch.channels_last)
+    return xs.contiguous()
+
+
 class PartialEdge(nn.Module):
     """A DARTS edge whose mixed op sees ``c // k`` channels (k=1: a plain DARTS edge)."""
 
@@ -34,7 +48,7 @@ class PartialEdge(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, hard: Optional[int] = None) -> torch.Tensor:
         if self.k == 1:
             return self.mixed(x, weights, hard)
-        mixed = self.mixed(x[:, :self.part], weights, hard)
+        mixed = self.mixed(dense_slice(x, self.part), weights, hard)
         rest = x[:, self.part:]
         if self.bypass is not None:
             rest = self.bypass(rest)

@@ -174,7 +174,7 @@ class Trainer:
             loss_sum += loss * len(y)
             correct += right
             seen += len(y)
-            bar.update(1, loss=float(loss_sum) / seen if bar.enabled else 0.0)
+            bar.update(1, loss=lambda seen=seen: float(loss_sum) / seen)  # read only when the bar redraws
         bar.close()
         secs = time.perf_counter() - start
         loss_t, top1, top5, n = dist.all_reduce_sum([float(loss_sum), *map(float, correct), float(seen)], self.device)
