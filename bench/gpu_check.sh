@@ -11,7 +11,7 @@
 #
 # Stage times on one H200 (16 CPU cores). None has run on a GPU yet: these are ESTIMATES,
 # from the CPU build times here and the work each stage does; replace them with measured ones.
-#   build    ~2 min  (3 .cu files for one arch, 16 parallel jobs: bounded by the slowest file,
+#   build    ~2 min  (4 .cu files for one arch, 16 parallel jobs: bounded by the slowest file,
 #                    mixed_op_pf_cuda.cu; the CPU-only part adds ~30 s. Timeout 280 s.)
 #   tests    ~3-4 min (905 CUDA cases, 880 of them numeric forward/backward/EG cases of
 #                    milliseconds each; the rest: 11 gradchecks, 4 torch.compile cases (one
@@ -20,9 +20,10 @@
 #                    the junit file for what ran; TEST_PATHS=... runs a subset.)
 #   kernels  ~2 min  (kernels.py: its torch.compile contenders are compiled by inductor first,
 #                    ~20-40 s each; then 30 rotating repetitions of ms-scale samples; timeout 280 s)
-#   steps    ~1-2 min (search_speed.py, 5 cases x 2 paths x (10 + 3 warm-up) steps at the papers'
+#   steps    ~2-3 min (search_speed.py, 5 cases x 2 paths x (10 + 3 warm-up) steps at the papers'
 #                    batch sizes, ~0.05-0.3 s a step on a GPU, plus model builds and cuDNN
-#                    heuristics; timeout 280 s)
+#                    heuristics; timeout 280 s; then host_cost.py --launches: op counts, CUDA
+#                    kernels per step from the profiler, tiny host-bound steps, ~1 min, timeout 120 s)
 #   search   ~3-4 min (3 paths x 2 epochs of 200 steps, a 12,800-image slice of CIFAR-10, plus
 #                    decoding the images on the first run; each path under timeout 150 s)
 # Later stages reuse the build (they refuse to run without a CUDA build rather than rebuild).
@@ -127,7 +128,14 @@ stage_steps() {
     --markdown-out "$OUTDIR/search_speed_cuda.md" > "$OUTDIR/search_speed_cuda.log" 2>&1
   rc=$?
   tail -30 "$OUTDIR/search_speed_cuda.log"
-  echo "SUMMARY steps: rc=$rc in $(( $(now) - start )) s (table: $OUTDIR/search_speed_cuda.md)"
+  # Issue 11: ops dispatched and CUDA kernels (profiler) per search step, fused vs no-fused,
+  # plus the host-bound tiny step on this machine's CPU.
+  timeout "${HOST_TIMEOUT:-120}" $PY bench/host_cost.py --launches --paper-steps 0 --reps 10 \
+    --markdown-out "$OUTDIR/host_cost_cuda.md" > "$OUTDIR/host_cost_cuda.log" 2>&1
+  local rc2=$?
+  grep -E "kernels per step|ops dispatched per step" "$OUTDIR/host_cost_cuda.log" || tail -5 "$OUTDIR/host_cost_cuda.log"
+  [ $rc -eq 0 ] && rc=$rc2
+  echo "SUMMARY steps: rc=$rc in $(( $(now) - start )) s (tables: $OUTDIR/search_speed_cuda.md, $OUTDIR/host_cost_cuda.md)"
   return $rc
 }
 

@@ -255,6 +255,23 @@ def count(case: Case, fused: bool, args, where: bool = False) -> OpCounter:
     return c
 
 
+def cuda_launches(case: Case, fused: bool, args) -> int:
+    """Kernels the GPU runs in one steady-state search step at the case's own sizes (CUDA only):
+    device-side events of the profiler (kernels, memcpys, memsets), after one warm-up step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device("cuda")
+    torch.manual_seed(1000)
+    _, step = search_path(case, fused, args, device)
+    x, y, xa, ya = inputs(case, device, 2)
+    step(x, y, xa, ya)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(x, y, xa, ya)
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def host_times(case: Case, args, mkldnn: bool = True) -> Dict[str, float]:
     """Median seconds per tiny step, one thread, interleaved A B B A ... mkldnn=False runs the
     convolutions on ATen's plain CPU kernels instead of oneDNN, whose fixed cost per call
@@ -295,6 +312,7 @@ class Result:
     counts: Dict[str, OpCounter] = field(default_factory=dict)
     host_s: Dict[str, float] = field(default_factory=dict)
     host_plain_s: Dict[str, float] = field(default_factory=dict)  # oneDNN off
+    launches: Dict[str, int] = field(default_factory=dict)  # CUDA kernels per step (--launches)
     paper: Optional[Dict[str, Dict[str, float]]] = None
     paper_case: Optional[Case] = None
     reps: int = 0
@@ -344,6 +362,9 @@ def report(results: List[Result], argv: List[str], tuned: Optional[str], top: in
             lines.append(f"| {t.name} | host-bound step ms (C={t.channels}, {t.resolution}x{t.resolution}, batch "
                          f"{t.batch}, 1 thread, median of {r.reps}) | {1e3 * r.host_s['fused']:.1f} | "
                          f"{1e3 * r.host_s['no-fused']:.1f} | {ratio(r.host_s['fused'], r.host_s['no-fused'])} |")
+        if r.launches:
+            lines.append(f"| {t.name} | CUDA kernels per step (profiler, {r.case.setup()}) | {r.launches['fused']} | "
+                         f"{r.launches['no-fused']} | {ratio(r.launches['fused'], r.launches['no-fused'])} |")
         if r.host_plain_s:
             h = r.host_plain_s
             lines.append(f"| {t.name} | ... the same, convolutions on ATen's plain kernels (oneDNN off) | "
@@ -389,6 +410,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--tiny-batch", type=int, default=2)
     p.add_argument("--tiny-resolution", type=int, default=8)
     p.add_argument("--no-host", action="store_true", help="skip the host-bound timing")
+    p.add_argument("--launches", action="store_true",
+                   help="also count CUDA kernels per step with the profiler, at the papers' sizes (needs a GPU)")
     p.add_argument("--paper-steps", type=int, default=None,
                    help="timed paper-size steps per path (default 3; 0 skips; --smoke 1 at toy size)")
     p.add_argument("--paper-batch", default="nb201=64,darts=16",
@@ -423,6 +446,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         r.counts = {name: count(tiny, fused, args, where=not args.no_where)
                     for name, fused in (("fused", True), ("no-fused", False))}
         r.edges = edges(tiny_step(tiny, True, args)[0])
+        if args.launches:
+            if not torch.cuda.is_available():
+                p.error("--launches needs a CUDA device")
+            print(f"== {n}: CUDA kernels per step", file=sys.stderr, flush=True)
+            r.launches = {name: cuda_launches(replace(case, batch=batches.get(n, case.batch)), fused, args)
+                          for name, fused in (("fused", True), ("no-fused", False))}
         if not args.no_host:
             print(f"== {n}: host-bound time, {args.reps} reps", file=sys.stderr, flush=True)
             r.host_s = host_times(tiny, args)
