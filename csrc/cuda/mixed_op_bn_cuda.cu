@@ -239,8 +239,8 @@ __global__ void __launch_bounds__(kThreads)
                     acc_t* grad_w) {
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int KZ = cd.K + cd.Z;
+  if (tid == 0) for (int64_t e = 0; e < n_weights; ++e) grad_w[e] = 0;  // no memset launch
   if (tid == 0 && weights_grad) {
-    for (int64_t e = 0; e < n_weights; ++e) grad_w[e] = 0;
     const int rows = 1 + KZ + cd.npf;
     for (int r = 1; r < rows; ++r) {
       const acc_t* invstd =
@@ -370,9 +370,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
   // the other candidates only for the weight gradient.
   const int64_t rows = weights_grad ? 1 + K + Z + npf : 1 + K + Z;
   at::Tensor red = at::empty({rows, s.C}, bw.w.options());
-  // Written whole by backward_kernel's first thread when the weight gradient is wanted.
-  at::Tensor grad_w = (weights_grad && s.n > 0) ? at::empty(bw.w.sizes(), bw.w.options())
-                                                : at::zeros(bw.w.sizes(), bw.w.options());
+  // Written whole (zeros unless weights_grad) by backward_kernel's first thread: no memset.
+  at::Tensor grad_w = at::empty(bw.w.sizes(), bw.w.options());
   const bool want_gx = bw.grad_x.numel() > 0;
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bw.grad.scalar_type(), "mixed_op_bn_backward_cuda", [&] {
