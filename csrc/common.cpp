@@ -279,6 +279,22 @@ BnChannels bn_channels(const at::Tensor& z, at::MemoryFormat fmt) {
   return c;
 }
 
+// Everything but the direction-specific tensors; the inputs are already checked.
+void dense_bn_inputs(BnInputs& in, const at::Tensor& x, at::TensorList ys, at::TensorList zs,
+                     const at::Tensor& weights, at::IntArrayRef pf, at::IntArrayRef w_index) {
+  const bool uses_x = !pf.empty();
+  const at::Tensor& z0 = zs[0];
+  in.fmt = bn_format(x, ys, zs, uses_x);
+  if (uses_x) in.x = x.contiguous(in.fmt);
+  in.ys = dense_in(ys, in.fmt);
+  in.zs = dense_in(zs, in.fmt);
+  in.w = acc_weights(weights, z0.scalar_type());
+  in.pf = pf.vec();
+  in.widx = candidate_index(w_index, ys.size() + zs.size() + pf.size());
+  in.geo = pf_geometry(uses_x ? x : z0, in.fmt);
+  in.ch = bn_channels(z0, in.fmt);
+}
+
 }  // namespace
 
 BnForward prepare_bn_forward(const at::Tensor& x, at::TensorList ys, at::TensorList zs,
@@ -309,18 +325,10 @@ BnForward prepare_bn_forward(const at::Tensor& x, at::TensorList ys, at::TensorL
     TORCH_CHECK(n.device() == z0.device() && n.scalar_type() == at::kLong && n.numel() == 1,
                 "mixed_op_bn: batches_tracked must be one-element int64 tensors on zs' device");
   TORCH_CHECK(z0.numel() > 0, "mixed_op_bn: zs are empty tensors; batch norm needs at least one value per channel");
-  const bool uses_x = !pf.empty();
-  const auto fmt = bn_format(x, ys, zs, uses_x);
   BnForward f;
-  if (uses_x) f.x = x.contiguous(fmt);
-  f.ys = dense_in(ys, fmt);
-  f.zs = dense_in(zs, fmt);
-  f.w = acc_weights(weights, z0.scalar_type());
-  f.out = at::empty(z0.sizes(), z0.options().memory_format(fmt));
-  f.pf = pf.vec();
-  f.widx = candidate_index(w_index, ys.size() + zs.size() + pf.size());
-  f.geo = pf_geometry(uses_x ? x : z0, fmt);
-  f.ch = bn_channels(z0, fmt);
+  dense_bn_inputs(f, x, ys, zs, weights, pf, w_index);
+  f.out = at::empty(z0.sizes(), z0.options().memory_format(f.fmt));
+  f.stats = at::empty({Z, 2, C}, z0.options().dtype(acc_type(z0.scalar_type())));
   return f;
 }
 
@@ -338,25 +346,16 @@ BnBackward prepare_bn_backward(const at::Tensor& grad, const at::Tensor& x, at::
   TORCH_CHECK(stats.dim() == 3 && stats.size(0) == Z && stats.size(1) == 2 && stats.size(2) == z0.size(1) &&
                   stats.scalar_type() == acc_type(z0.scalar_type()) && stats.device() == z0.device(),
               "mixed_op_bn_backward: stats must be [Z, 2, C] in the accumulation type, as mixed_op_bn returns it");
-  const bool uses_x = !pf.empty();
-  const auto fmt = bn_format(x, ys, zs, uses_x);
   BnBackward b;
-  if (uses_x) b.x = x.contiguous(fmt);
-  b.ys = dense_in(ys, fmt);
-  b.zs = dense_in(zs, fmt);
-  b.w = acc_weights(weights, z0.scalar_type());
-  b.grad = grad.contiguous(fmt);
+  dense_bn_inputs(b, x, ys, zs, weights, pf, w_index);
+  b.grad = grad.contiguous(b.fmt);
   b.stats = stats.contiguous();
-  b.pf = pf.vec();
-  b.widx = candidate_index(w_index, ys.size() + zs.size() + pf.size());
-  b.geo = pf_geometry(uses_x ? x : z0, fmt);
-  b.ch = bn_channels(z0, fmt);
-  const auto opts = z0.options().memory_format(fmt);
+  const auto opts = z0.options().memory_format(b.fmt);
   for (size_t k = 0; k < ys.size(); ++k)
     if (ys_mask.get(k)) b.grad_ys.push_back(at::empty(z0.sizes(), opts));
   for (size_t j = 0; j < zs.size(); ++j)
     if (zs_mask.get(j)) b.grad_zs.push_back(at::empty(z0.sizes(), opts));
-  b.grad_x = (x_grad && uses_x) ? at::empty(x.sizes(), opts) : at::empty({0}, z0.options());
+  b.grad_x = (x_grad && !pf.empty()) ? at::empty(x.sizes(), opts) : at::empty({0}, z0.options());
   return b;
 }
 

@@ -82,27 +82,29 @@ struct BnChannels {
   bool cl = false;
 };
 
-struct BnForward {
+// The inputs both directions share, checked and made dense in one layout (the one x, if pf
+// reads it, the ys and the zs already share, else contiguous).
+struct BnInputs {
   at::Tensor x;                      // undefined unless pf is not empty
   std::vector<at::Tensor> ys, zs;
-  at::Tensor w, out;                 // w: all of weights, acc type, contiguous
+  at::Tensor w;                      // all of weights, acc type, contiguous
   std::vector<int64_t> widx;         // weights entry of each candidate (ys, zs, pf)
   std::vector<int64_t> pf;
   PfGeometry geo;                    // of the output (x's when pf is not empty)
   BnChannels ch;
+  at::MemoryFormat fmt = at::MemoryFormat::Contiguous;
+};
+
+struct BnForward : BnInputs {
+  at::Tensor out, stats;             // stats: [Z, 2, C] acc type (mean, invstd), to be filled
 };
 BnForward prepare_bn_forward(const at::Tensor& x, at::TensorList ys, at::TensorList zs,
                              const at::Tensor& weights, at::IntArrayRef pf, at::TensorList running_means,
                              at::TensorList running_vars, at::TensorList batches_tracked,
                              at::IntArrayRef w_index);
 
-struct BnBackward {
-  at::Tensor x, grad, w, stats;      // stats: [Z, 2, C] acc type, contiguous
-  std::vector<at::Tensor> ys, zs;
-  std::vector<int64_t> widx;
-  std::vector<int64_t> pf;
-  PfGeometry geo;
-  BnChannels ch;
+struct BnBackward : BnInputs {
+  at::Tensor grad, stats;            // stats: [Z, 2, C] acc type, contiguous
   std::vector<at::Tensor> grad_ys, grad_zs;  // one per true mask entry, in order
   at::Tensor grad_x;                         // empty unless x_grad and pf is not empty
 };

@@ -592,6 +592,32 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> mixed_op_pf_backward
 // reduction pass (per-channel sums of grad and grad * (z - mean), fixed chunks summed in chunk
 // order) and the engine's elementwise pass, which also writes the BN input gradients.
 
+namespace {
+
+// The engine's arguments both directions share; w receives the candidates' weights in
+// candidate order (gathered through w_index) and must outlive a.
+template <typename T, typename acc_t>
+void bn_args(Args<T, acc_t>& a, const BnInputs& in, const at::Tensor& stats, std::vector<const T*>& yp,
+             std::vector<const T*>& zp, std::vector<acc_t>& w) {
+  for (const auto& y : in.ys) yp.push_back(y.const_data_ptr<T>());
+  for (const auto& z : in.zs) zp.push_back(z.const_data_ptr<T>());
+  const acc_t* wall = in.w.const_data_ptr<acc_t>();
+  for (int64_t i : in.widx) w.push_back(wall[i]);
+  a.x = in.x.defined() ? in.x.const_data_ptr<T>() : nullptr;
+  a.ys = yp.data();
+  a.K = static_cast<int64_t>(yp.size());
+  a.zs = zp.data();
+  a.Z = static_cast<int64_t>(zp.size());
+  a.stats = stats.const_data_ptr<acc_t>();
+  a.ch = in.ch;
+  a.pf = in.pf.data();
+  a.npf = static_cast<int64_t>(in.pf.size());
+  a.w = w.data();
+  a.g = geo_of(in.geo);
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> mixed_op_bn_cpu(const at::Tensor& x, at::TensorList ys, at::TensorList zs,
                                                    const at::Tensor& weights, at::IntArrayRef pf,
                                                    at::TensorList running_means, at::TensorList running_vars,
@@ -601,7 +627,7 @@ std::tuple<at::Tensor, at::Tensor> mixed_op_bn_cpu(const at::Tensor& x, at::Tens
       prepare_bn_forward(x, ys, zs, weights, pf, running_means, running_vars, batches_tracked, w_index);
   const int64_t Z = static_cast<int64_t>(fw.zs.size()), C = fw.ch.C;
   const auto acc = acc_type(fw.out.scalar_type());
-  at::Tensor stats = at::empty({Z, 2, C}, fw.out.options().dtype(acc).memory_format(at::MemoryFormat::Contiguous));
+  const at::Tensor& stats = fw.stats;
   const bool running = !running_means.empty();
   for (int64_t j = 0; j < Z; ++j) {
     // nn.BatchNorm2d.forward: count the batch, then the factor is momentum, or the
@@ -634,23 +660,9 @@ std::tuple<at::Tensor, at::Tensor> mixed_op_bn_cpu(const at::Tensor& x, at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, fw.out.scalar_type(), "mixed_op_bn_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<const scalar_t*> yp, zp;
-    for (const auto& y : fw.ys) yp.push_back(y.const_data_ptr<scalar_t>());
-    for (const auto& z : fw.zs) zp.push_back(z.const_data_ptr<scalar_t>());
+    std::vector<acc_t> w;
     Args<scalar_t, acc_t> a{};
-    a.x = fw.x.defined() ? fw.x.const_data_ptr<scalar_t>() : nullptr;
-    a.ys = yp.data();
-    a.K = static_cast<int64_t>(yp.size());
-    a.zs = zp.data();
-    a.Z = Z;
-    a.stats = stats.const_data_ptr<acc_t>();
-    a.ch = fw.ch;
-    a.pf = fw.pf.data();
-    a.npf = static_cast<int64_t>(fw.pf.size());
-    const acc_t* wall = fw.w.const_data_ptr<acc_t>();
-    std::vector<acc_t> w;  // the candidates' weights, in candidate order
-    for (int64_t i : fw.widx) w.push_back(wall[i]);
-    a.w = w.data();
-    a.g = g;
+    bn_args(a, fw, stats, yp, zp, w);
     a.out = fw.out.mutable_data_ptr<scalar_t>();
     const auto count = window_counts<acc_t>(g, f.avg);
     a.count = count.data();
@@ -703,30 +715,14 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bw.grad.scalar_type(), "mixed_op_bn_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<const scalar_t*> yp, zp;
-    std::vector<scalar_t*> gyp, gzp;
-    for (int64_t k = 0, n = 0; k < K; ++k) {
-      yp.push_back(bw.ys[k].const_data_ptr<scalar_t>());
-      gyp.push_back(ys_mask.get(k) ? bw.grad_ys[n++].mutable_data_ptr<scalar_t>() : nullptr);
-    }
-    for (int64_t j = 0, n = 0; j < Z; ++j) {
-      zp.push_back(bw.zs[j].const_data_ptr<scalar_t>());
-      gzp.push_back(zs_mask.get(j) ? bw.grad_zs[n++].mutable_data_ptr<scalar_t>() : nullptr);
-    }
+    std::vector<acc_t> w;
     Args<scalar_t, acc_t> a{};
-    a.x = bw.x.defined() ? bw.x.const_data_ptr<scalar_t>() : nullptr;
-    a.ys = yp.data();
-    a.K = K;
-    a.zs = zp.data();
-    a.Z = Z;
-    a.stats = bw.stats.const_data_ptr<acc_t>();
-    a.ch = bw.ch;
-    a.pf = bw.pf.data();
-    a.npf = static_cast<int64_t>(bw.pf.size());
-    const acc_t* wall = bw.w.const_data_ptr<acc_t>();
-    std::vector<acc_t> w;  // the candidates' weights, in candidate order
-    for (int64_t i : bw.widx) w.push_back(wall[i]);
-    a.w = w.data();
-    a.g = g;
+    bn_args(a, bw, bw.stats, yp, zp, w);
+    std::vector<scalar_t*> gyp, gzp;
+    for (int64_t k = 0, n = 0; k < K; ++k)
+      gyp.push_back(ys_mask.get(k) ? bw.grad_ys[n++].mutable_data_ptr<scalar_t>() : nullptr);
+    for (int64_t j = 0, n = 0; j < Z; ++j)
+      gzp.push_back(zs_mask.get(j) ? bw.grad_zs[n++].mutable_data_ptr<scalar_t>() : nullptr);
     a.grad = bw.grad.const_data_ptr<scalar_t>();
     a.gys = gyp.data();
     a.gzs = gzp.data();

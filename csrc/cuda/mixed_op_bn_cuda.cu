@@ -312,7 +312,7 @@ std::tuple<at::Tensor, at::Tensor> mixed_op_bn_cuda(const at::Tensor& x, at::Ten
   const c10::cuda::CUDAGuard guard(fw.zs[0].device());
   const int64_t K = static_cast<int64_t>(fw.ys.size()), Z = static_cast<int64_t>(fw.zs.size());
   const auto acc = acc_type(fw.out.scalar_type());
-  at::Tensor stats = at::empty({Z, 2, fw.ch.C}, fw.out.options().dtype(acc).memory_format(at::MemoryFormat::Contiguous));
+  const at::Tensor& stats = fw.stats;
   const bool running = !running_means.empty();
   // The kernels update running statistics of the accumulation type in place; others (a
   // module converted to half) go through a copy.
