@@ -10,7 +10,8 @@ Run labels (each a real `gaea search --preset PRESET --seed S ...` in its own pr
 - `darts`: first-order DARTS (softmax, Adam) with `--darts-lr` (tuned: bench/RESULTS.md).
 - `LABEL=ARGS`: anything else, e.g. `darts-3e-4=--method darts --arch-lr 3e-4`.
 Bilevel runs see half the images per epoch, so they get twice the preset's epochs
-(`--bilevel-epochs`): the same number of steps, hence about the same wall time (reported).
+(`--bilevel-epochs`) and warm-up epochs: the same number of steps, hence about the same wall
+time (reported).
 
 The random baseline is exact, from the table: a uniformly random cell of the space (without
 `none`, as the preset searches) has the table's median, mean and p90. A method's "beats p90"
@@ -49,10 +50,15 @@ def run_args(label: str, args) -> List[str]:
     """The `gaea search` arguments of a run label (see the module docstring)."""
     if "=" in label:
         return shlex.split(label.split("=", 1)[1])
+    # Bilevel runs see half the images per epoch: twice the epochs (and warm-up epochs) of the
+    # preset give them the same steps, architecture steps and wall time.
+    twice = ["--epochs", str(args.bilevel_epochs)]
+    if args.bilevel_warmup:
+        twice += ["--arch-warmup", str(args.bilevel_warmup)]
     builtin = {
         "gaea": ["--method", "gaea"],
-        "gaea-bilevel": ["--method", "gaea", "--bilevel", "--epochs", str(args.bilevel_epochs)],
-        "darts": ["--method", "darts", "--arch-lr", repr(args.darts_lr), "--epochs", str(args.bilevel_epochs)],
+        "gaea-bilevel": ["--method", "gaea", "--bilevel", *twice],
+        "darts": ["--method", "darts", "--arch-lr", repr(args.darts_lr), *twice],
     }
     if label not in builtin:
         raise SystemExit(f"search_quality: unknown run label {label!r} (use gaea, gaea-bilevel, darts or LABEL=ARGS)")
@@ -142,6 +148,7 @@ def main():
     args = p.parse_args()
     if args.bilevel_epochs is None:
         args.bilevel_epochs = 2 * PRESETS[args.preset].get("epochs", 10)
+    args.bilevel_warmup = 2 * PRESETS[args.preset].get("arch_warmup", 0)
     for path in (args.data, args.nb201):
         if not os.path.exists(path):
             sys.exit(f"search_quality: {path} not found (needs ../shared/data or --data/--nb201)")

@@ -74,3 +74,40 @@ def test_host_cost_smoke(tmp_path):
     table = out.read_text()
     for row in ("ops dispatched per step", "host-bound step ms", "paper-size CPU step images/s", "Top ops, nb201"):
         assert row in table, row
+
+
+def _search_quality():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import search_quality
+    finally:
+        sys.path.pop(0)
+    return search_quality
+
+
+def test_search_quality_summary_and_fair_baselines():
+    """The quality table's statistics, and the baselines' equal-steps rule (bilevel epochs doubled)."""
+    from types import SimpleNamespace
+
+    sq = _search_quality()
+    base = {"n": 4096, "mean": 90.0, "median": 91.38, "p90": 93.26, "max": 94.37}
+    rows = [dict(label="gaea", seed=s, cifar10=a, entropy=e, wall_s=w, args=[], genotype="g", threads=None, jobs=1)
+            for s, a, e, w in ((0, 94.0, 0.8, 100), (1, 93.0, 0.9, 120), (2, 93.5, 1.0, 300))]
+    rows.append(dict(label="darts", seed=0, cifar10=92.0, entropy=1.386, wall_s=90, args=[], genotype="h",
+                     threads=1, jobs=2))
+    gaea, darts = sq.summarize(rows, base)
+    assert gaea["n"] == 3 and abs(gaea["mean"] - 93.5) < 1e-12 and abs(gaea["sd"] - 0.5) < 1e-12
+    assert (gaea["min"], gaea["max"], gaea["wall_median"]) == (93.0, 94.0, 120)
+    assert abs(gaea["beats_p90"] - 2 / 3) < 1e-12 and abs(gaea["entropy"] - 0.9) < 1e-12
+    assert darts["n"] == 1 and darts["sd"] == 0.0 and darts["beats_p90"] == 0.0
+    table = sq.markdown(rows, base, "t", "cmd")
+    assert "| **gaea** | 3 | **93.50** ± 0.50 | 93.00 | 94.00 | 67 % | 0.900 | 120 |" in table
+    assert "| darts | 0 | 92.00 | 1.386 | 90 | 1 x 2 |" in table
+
+    args = SimpleNamespace(bilevel_epochs=12, bilevel_warmup=0, darts_lr=3e-3)
+    assert sq.run_args("gaea", args) == ["--method", "gaea"]
+    assert sq.run_args("gaea-bilevel", args)[-3:] == ["--bilevel", "--epochs", "12"]
+    assert sq.run_args("darts", args) == ["--method", "darts", "--arch-lr", "0.003", "--epochs", "12"]
+    args.bilevel_warmup = 4
+    assert sq.run_args("darts", args)[-4:] == ["--epochs", "12", "--arch-warmup", "4"]
+    assert sq.run_args("x=--method darts --arch-lr 1e-2", args) == ["--method", "darts", "--arch-lr", "1e-2"]
