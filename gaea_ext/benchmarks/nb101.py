@@ -29,6 +29,7 @@ import binascii
 import hashlib
 import json
 import os
+import struct
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -120,22 +121,21 @@ def spec_hash(matrix: Sequence[Sequence[int]], ops: Sequence[str]) -> str:
 
 
 # -- the table ---------------------------------------------------------------------------
-def decode_metrics(raw: bytes) -> List[Dict[str, float]]:
-    """The evaluation_data of a serialized nasbench.ModelMetrics, decoded by hand
-    (nasbench/lib/model_metrics.proto: ModelMetrics.evaluation_data = 1, repeated message;
-    EvaluationData: current_epoch 1, training_time 2, train_accuracy 3, validation_accuracy 4,
-    test_accuracy 5, all doubles; checkpoint_path 6, a string). Other fields are skipped."""
-    names = {1: "current_epoch", 2: "training_time", 3: "train_accuracy", 4: "validation_accuracy",
-             5: "test_accuracy"}
-    evals = []
-    for field, wire, value in _fields(raw):
-        if field == 1 and wire == 2:
-            entry = {}
-            for f, w, v in _fields(value):
-                if f in names and w == 1:
-                    entry[names[f]] = float(np.frombuffer(v, dtype="<f8")[0])
-            evals.append(entry)
-    return evals
+EVAL_FIELDS = {1: "current_epoch", 2: "training_time", 3: "train_accuracy", 4: "validation_accuracy",
+               5: "test_accuracy"}
+
+
+def evaluations(raw: bytes) -> List[bytes]:
+    """The serialized evaluation_data entries of a serialized nasbench.ModelMetrics, decoded by
+    hand (nasbench/lib/model_metrics.proto: ModelMetrics.evaluation_data = 1, a repeated
+    message; trainable_parameters 2 and total_time 3 are skipped)."""
+    return [value for field, wire, value in _fields(raw) if field == 1 and wire == 2]
+
+
+def decode_evaluation(msg: bytes) -> Dict[str, float]:
+    """One EvaluationData: current_epoch 1, training_time 2, train_accuracy 3,
+    validation_accuracy 4, test_accuracy 5 (doubles); checkpoint_path 6 (a string) skipped."""
+    return {EVAL_FIELDS[f]: struct.unpack("<d", v)[0] for f, w, v in _fields(msg) if f in EVAL_FIELDS and w == 1}
 
 
 def _varint(buf: bytes, pos: int) -> Tuple[int, int]:
@@ -183,8 +183,7 @@ def parse_row(record: bytes) -> Tuple[str, int, Dict[str, float]]:
     The final evaluation is evaluation_data[2], as the official API reads it."""
     try:
         module_hash, epochs, _adjacency, _operations, raw = json.loads(record.decode("utf-8"))
-        evals = decode_metrics(base64.b64decode(raw, validate=True))
-        final = evals[2]
+        final = decode_evaluation(evaluations(base64.b64decode(raw, validate=True))[2])
         return str(module_hash), int(epochs), {k: final[k] for k in ("validation_accuracy", "test_accuracy")}
     except (ValueError, TypeError, IndexError, KeyError, UnicodeDecodeError, binascii.Error) as e:
         raise ValueError(f"malformed row ({type(e).__name__}: {e})") from None
