@@ -13,7 +13,7 @@ from gaea_ext.benchmarks import tfrecord
 from gaea_ext.benchmarks.nb101 import spec_hash
 from gaea_ext.cli import main
 from gaea_ext.search.config import resolve
-from gaea_ext.search.methods import DARTS, GAEA
+from gaea_ext.search.methods import GAEA
 from gaea_ext.spaces import NB1Shot1Network
 from gaea_ext.spaces.nb1shot1 import SPACES, discretize
 
@@ -170,3 +170,17 @@ def test_search_scores_each_epoch_on_a_table(tmp_path):
     assert run_result(second)["nb101"]["hash"] == hashes[-1]
     with open(tmp_path / "second" / "config.json") as f:
         assert json.load(f)["nb101"] == str(path)
+
+
+def test_step_timing_script_runs(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, os.path.join(root, "bench", "nb1shot1_step.py"), "--space", "nb1shot1-3",
+                          "--channels", "4", "--cells", "3", "--batch", "4", "--resolution", "8", "--steps", "1",
+                          "--warmup", "0"], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root), cwd=root)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "nb1shot1-3 fused" in res.stdout and "median" in res.stdout

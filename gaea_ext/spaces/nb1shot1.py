@@ -26,7 +26,7 @@ is NAS-Bench-101's 7x7, then NAS-Bench-101's pruning and module hash.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
