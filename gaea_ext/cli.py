@@ -61,7 +61,8 @@ def _search_args(p: argparse.ArgumentParser) -> None:
       help="keep the `none` op (default in the darts/pcdarts spaces)")
     a("--exclude-none", dest="exclude_none", action="store_const", const=True,
       help="drop the `none` op (default in nb201)")
-    a("--partial", type=int, metavar="K", help="pcdarts, nb1shot1-*: 1/K of the channels through the mixed op (4; ImageNet 2)")
+    a("--partial", type=int, metavar="K",
+      help="pcdarts, nb1shot1-*: 1/K of the channels through the mixed op (4; ImageNet 2)")
     a("--stem", choices=("cifar", "imagenet"), help="darts/pcdarts stem (default by dataset)")
     a("--lr", type=float, help="SGD learning rate of the shared weights (cosine schedule)")
     a("--lr-min", type=float, help="learning rate at the end of the cosine schedule")
