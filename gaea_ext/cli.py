@@ -4,6 +4,7 @@
     gaea search --preset paper-cifar10 --data DIR --nb201 TABLE --out RUN_DIR
     gaea search --resume RUN_DIR
     gaea search --preset paper-pcdarts-cifar10 --data DIR --out RUN_DIR
+    gaea search --space nb1shot1-2 --preset paper-nb1shot1 --data DIR --nb101 nasbench_only108.tfrecord
     gaea train --genotype RUN_DIR/result.json --preset paper-cifar10 --data DIR --out TRAIN_DIR
     gaea train --genotype DARTS_V2 --summary
     gaea query '|nor_conv_3x3~0|+|...|' --nb201 TABLE
@@ -49,6 +50,7 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     a("--dataset", choices=gdata.DATASETS + gdata.STREAMED, help=f"dataset (default {d.dataset}, embedded)")
     a("--data", metavar="DIR", help="dataset root (torchvision layout, ImageFolder tree or .tar.gz)")
     a("--nb201", metavar="PATH", help="NAS-Bench-201 table (CSV or NATS-Bench file) to score the found cells")
+    a("--nb101", metavar="FILE", help="nb1shot1-*: nasbench_only108.tfrecord (or its cached .npz) to score the cells")
     a("--epochs", type=int)
     a("--batch-size", type=int)
     a("--channels", type=int, help="C, the first stage's width")
@@ -59,7 +61,8 @@ def _search_args(p: argparse.ArgumentParser) -> None:
       help="keep the `none` op (default in the darts/pcdarts spaces)")
     a("--exclude-none", dest="exclude_none", action="store_const", const=True,
       help="drop the `none` op (default in nb201)")
-    a("--partial", type=int, metavar="K", help="pcdarts: 1/K of the channels through the mixed op (4; ImageNet 2)")
+    a("--partial", type=int, metavar="K",
+      help="pcdarts, nb1shot1-*: 1/K of the channels through the mixed op (4; ImageNet 2)")
     a("--stem", choices=("cifar", "imagenet"), help="darts/pcdarts stem (default by dataset)")
     a("--lr", type=float, help="SGD learning rate of the shared weights (cosine schedule)")
     a("--lr-min", type=float, help="learning rate at the end of the cosine schedule")
@@ -153,8 +156,9 @@ def cmd_search(args) -> int:
         result = search.run()
         if search.main:
             line = f"genotype {genotype_str(result['genotype'])} entropy {result['arch_entropy']:.3f}"
-            if "nb201" in result:
-                line += "".join(f" {k} {v:.2f}" for k, v in result["nb201"].items() if isinstance(v, float))
+            for bench in ("nb201", "nb101"):
+                if bench in result:
+                    line += "".join(f" {k} {v:.2f}" for k, v in result[bench].items() if isinstance(v, float))
             print(line)
     finally:
         search.close()

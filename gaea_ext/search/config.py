@@ -19,14 +19,15 @@ class SearchConfig:
     dataset: str = "digits"
     data: Optional[str] = None
     nb201: Optional[str] = None
+    nb101: Optional[str] = None  # nb1shot1-*: NAS-Bench-101 tfrecord (or its cached .npz table) to score cells
     epochs: int = 10
     batch_size: int = 64
     channels: int = 8
-    cells: int = 1  # nb201: cells per stage; darts/pcdarts: cells in all
+    cells: int = 1  # nb201: cells per stage; darts/pcdarts/nb1shot1-*: cells in all
     resolution: Optional[int] = None
     train_images: Optional[int] = None
     exclude_none: Optional[bool] = None  # None: the space's default (nb201 drops `none`, darts keeps it)
-    partial: Optional[int] = None  # pcdarts: 1/K of the channels through the mixed op (None: 4, ImageNet 2)
+    partial: Optional[int] = None  # pcdarts, nb1shot1-*: 1/K of the channels through the mixed op (None: 4, ImageNet 2)
     stem: Optional[str] = None  # "cifar" or "imagenet" (3 stride-2 convs); None: by dataset
     lr: float = 0.025
     lr_min: float = 0.001
@@ -72,6 +73,22 @@ PCDARTS_CIFAR = dict(space="pcdarts", dataset="cifar10", bilevel=True, valid_fra
                      batch_size=256, channels=16, cells=8, partial=4, lr=0.1, lr_min=0.0, momentum=0.9,
                      weight_decay=3e-4, grad_clip=5.0, arch_lr=0.1, edge_lr=0.1, select="best-valid")
 
+# NAS-Bench-1Shot1 with GAEA PC-DARTS, the protocol of the GAEA authors' fork of
+# automl/nasbench-1shot1 (liamcli/nasbench-1shot1, optimizers/epc_edarts/train_search.py):
+# bilevel on a 50/50 split of CIFAR-10's training set, batch 96, SGD 0.025 cosine to 0.001,
+# momentum 0.9, wd 3e-4, clip 5, 9 cells at C=16, partial channels K=4, and architecture steps
+# only after 10 epochs of weight training (its --warm_start_epochs default). 50 epochs as in
+# 1Shot1's README command. EG step sizes: that fork takes them as arguments of its run script
+# (cluster_scripts/run-experiment.sh: ARCH_LR, EDGE_LR), and its train_search.py defaults
+# (3e-4, DARTS's Adam rate carried over) are not EG step sizes. 0.1 for the op rows and 0.1 for
+# the parent rows (adapt_lr off) is the authors' GAEA PC-DARTS setting in their release repo
+# (liamcli/gaea_release, configs/cnn/search_method/edarts/method_edarts_space_pcdarts.yaml:
+# arch_learning_rate 0.1, edge_learning_rate 0.1); no file of theirs states the values of the
+# 1Shot1 runs themselves.
+NB1SHOT1 = dict(dataset="cifar10", bilevel=True, valid_fraction=0.5, epochs=50, batch_size=96, channels=16, cells=9,
+                partial=4, lr=0.025, lr_min=0.001, momentum=0.9, weight_decay=3e-4, grad_clip=5.0, arch_lr=0.1,
+                edge_lr=0.1, arch_warmup=10, select="last")
+
 PRESETS: Dict[str, Dict[str, Any]] = {
     # `gaea search` with no preset on the embedded digits: a one-minute CPU demo. Its horizon is
     # short, so, like cpu-proxy, it takes a larger mirror-descent step than the paper's 0.1.
@@ -90,6 +107,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "paper-pcdarts-imagenet": dict(PCDARTS_CIFAR, dataset="imagenet", resolution=224, stem="imagenet", partial=2,
                                    subsets=[0.1, 0.025], batch_size=1024, lr=0.5, lr_warmup=5, weight_decay=3e-4,
                                    arch_grad_clip=5.0, arch_warmup=35, select="last"),
+    "paper-nb1shot1": NB1SHOT1,
 }
 
 
@@ -108,10 +126,17 @@ def resolve(preset: Optional[str], overrides: Dict[str, Any]) -> SearchConfig:
     # A preset's EG step size is GAEA's; other methods keep their own unless asked otherwise.
     if cfg.arch_lr is None or (cfg.method != "gaea" and "arch_lr" not in explicit):
         cfg.arch_lr = METHOD_ARCH_LR.get(cfg.method, 0.1)
-    if cfg.method == "pcdarts":
+    nb1shot1 = cfg.space.startswith("nb1shot1-")
+    if cfg.method == "pcdarts" and not nb1shot1:  # on nb1shot1-*: 1Shot1's own PC-DARTS
         if "space" in explicit and cfg.space != "pcdarts":
-            raise ValueError(f"method pcdarts searches the pcdarts space, not {cfg.space}")
+            raise ValueError(f"method pcdarts searches the pcdarts space or nb1shot1-1|2|3, not {cfg.space}")
         cfg.space = "pcdarts"
+    if nb1shot1 and cfg.method in ("darts", "pcdarts"):
+        # 1Shot1's (PC-)DARTS baselines: Adam 3e-4 (optimizers/pc_darts/train_search.py), no warm start.
+        cfg.arch_lr = cfg.arch_lr if "arch_lr" in explicit else 3e-4
+        cfg.arch_warmup = cfg.arch_warmup if "arch_warmup" in explicit else 0
+    if cfg.preset == "paper-nb1shot1" and not nb1shot1:
+        raise ValueError("--preset paper-nb1shot1 needs --space nb1shot1-1, nb1shot1-2 or nb1shot1-3")
     if cfg.method in ("darts", "pcdarts", "gaea-gdas"):
         cfg.bilevel = True  # defined bilevel
     if cfg.exclude_none is None:
@@ -119,12 +144,14 @@ def resolve(preset: Optional[str], overrides: Dict[str, Any]) -> SearchConfig:
     if cfg.stem is None:
         cfg.stem = "imagenet" if cfg.dataset == "imagenet" else "cifar"
     if cfg.partial is None:
-        cfg.partial = (2 if cfg.dataset == "imagenet" else 4) if cfg.space == "pcdarts" else 1
+        cfg.partial = (2 if cfg.dataset == "imagenet" else 4) if cfg.space == "pcdarts" or nb1shot1 else 1
     if cfg.space != "nb201" and cfg.preset in (None, "demo"):
         # NB201's stage sizes mean nothing here: the DARTS supernet (16 channels, 8 cells), or a
         # small one (8, 5) for the embedded demo data.
         demo = cfg.preset == "demo"
-        cfg.cells = cfg.cells if "cells" in explicit else (5 if demo else 8)
+        if nb1shot1:  # 1Shot1's 9 cells at C=16; the demo 3 cells at C=8
+            cfg.cells = cfg.cells if "cells" in explicit else (3 if demo else 9)
+        cfg.cells = cfg.cells if "cells" in explicit or nb1shot1 else (5 if demo else 8)
         cfg.channels = cfg.channels if "channels" in explicit else (8 if demo else 16)
     validate(cfg)
     return cfg
@@ -155,6 +182,8 @@ def validate(cfg: SearchConfig) -> None:
                           ("--compile", bool(cfg.compile))):
             if bad:
                 raise ValueError(f"--cuda-graphs does not combine with {flag} (host-side decisions in the step)")
+    if cfg.nb101 and not cfg.space.startswith("nb1shot1-"):
+        raise ValueError(f"--nb101 scores nb1shot1-1|2|3 cells, not the {cfg.space} space")
     if cfg.select not in ("last", "best-valid"):
         raise ValueError(f"--select must be last or best-valid, got {cfg.select!r}")
     if cfg.select == "best-valid" and not cfg.bilevel and cfg.subsets is None:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gaea_ext.benchmarks.nb101 import NB101Table
 from gaea_ext.benchmarks.nb201 import NB201Table
 from gaea_ext.precision import Precision
 from gaea_ext.search import data as search_data
@@ -71,6 +72,8 @@ class Search:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
+        # Before the data: a missing or corrupt table file fails the run at once.
+        self.nb101 = NB101Table.load(cfg.nb101, echo=echo if self.main else None) if cfg.nb101 else None
 
         data = search_data.build(cfg, self.rank, self.world, self.device)
         self.num_classes = data.num_classes
@@ -278,13 +281,20 @@ class Search:
 
     # -- the run ----------------------------------------------------------------------
     def genotype(self):
-        """The derived cell: NB201's architecture string, or a DARTS Genotype as JSON."""
+        """The derived cell: NB201's architecture string, a DARTS Genotype as JSON, or a
+        NAS-Bench-101 cell (matrix, ops, hash) for nb1shot1-*."""
         self.method.eval()
         g = self.model.genotype(self.method.weights())
-        return g if isinstance(g, str) else genotypes.to_json(g)
+        return g if isinstance(g, (str, dict)) else genotypes.to_json(g)
 
     def lookup(self, genotype) -> Optional[Dict[str, Any]]:
+        if self.nb101 is not None:
+            return nb101_scores(self.nb101, genotype["hash"], self.model.space.best_test_error)
         return self.table.query(genotype) if self.table is not None else None
+
+    @property
+    def bench_key(self) -> str:
+        return "nb101" if self.nb101 is not None else "nb201"
 
     def run(self) -> Dict[str, Any]:
         cfg = self.cfg
@@ -308,7 +318,7 @@ class Search:
             self.best = {"epoch": self.epoch, "valid_acc": record["valid_acc"], "genotype": genotype}
         found = self.lookup(genotype)
         if found is not None:
-            record["nb201"] = found
+            record[self.bench_key] = found
         if self.main:
             bench = "".join(f" {k} {v:.2f}" for k, v in (found or {}).items() if isinstance(v, float))
             valid = f" valid {record['valid_acc']:.1f}" if "valid_acc" in record else ""
@@ -337,16 +347,32 @@ class Search:
         }
         found = self.lookup(chosen)
         if found is not None:
-            result["nb201"] = found
+            result[self.bench_key] = found
         if self.main and self.out:
             rundir.write_json(os.path.join(self.out, "result.json"), result)
         return result
 
 
+def nb101_scores(table: NB101Table, module_hash: str, best_test_error: float) -> Dict[str, Any]:
+    """A cell's NAS-Bench-101 scores, in percent: mean validation and test accuracy over the
+    3 repeats, and test regret, the mean test error minus the space's best (1Shot1's
+    test_min_error). A hash the table lacks (not a NAS-Bench-101 cell) scores None."""
+    found = table.query(module_hash)
+    if found is None:
+        return {"hash": module_hash, "valid_acc": None, "test_acc": None, "test_regret": None}
+    return {"hash": module_hash, "valid_acc": 100.0 * found["valid_acc"], "test_acc": 100.0 * found["test_acc"],
+            "test_regret": 100.0 * ((1.0 - found["test_acc"]) - best_test_error), "repeats": found["repeats"]}
+
+
 def genotype_str(g) -> str:
-    """One line: NB201's string as is; a DARTS genotype as normal/reduce op@input lists."""
+    """One line: NB201's string as is; a NAS-Bench-101 cell as its hash and pruned ops and
+    edges; a DARTS genotype as normal/reduce op@input lists."""
     if isinstance(g, str):
         return g
+    if "hash" in g:
+        m, ops = g["pruned_matrix"], g["pruned_ops"]
+        edges = " ".join(f"{i}>{j}" for i in range(len(m)) for j in range(len(m)) if m[i][j])
+        return f"nb101 {g['hash']} [{' '.join(ops[1:-1])}] [{edges}]"
     cell = lambda pairs: " ".join(f"{op}@{j}" for op, j in pairs)  # noqa: E731
     return f"normal[{cell(g['normal'])}] reduce[{cell(g['reduce'])}]"
 
