@@ -58,6 +58,14 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_max(values: list[float], device) -> list[float]:
+    if not active():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         # Tear down only after every rank is done talking: a rank that destroys its group while
