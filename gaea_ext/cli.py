@@ -96,15 +96,7 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     a("--out", metavar="RUN_DIR", help="write config, log, checkpoints and result here")
     a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     a("--stop-after", type=int, metavar="N", help="stop after N more epochs (resume later)")
-    add_fault_args(p)
-
-
-def add_fault_args(p: argparse.ArgumentParser) -> None:
-    """Options of long runs, shared by search and train (may change on --resume)."""
-    p.add_argument("--checkpoint-every", type=int, metavar="N",
-                   help="also checkpoint every N steps inside an epoch (default 200; 0: epoch ends only)")
-    p.add_argument("--max-nonfinite", type=int, metavar="K",
-                   help="stop with status 3 after K non-finite weight steps in a row (default 20)")
+    session.add_fault_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:

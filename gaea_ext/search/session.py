@@ -34,6 +34,14 @@ def elastic_resume(args) -> None:
         args.resume = args.out
 
 
+def add_fault_args(p) -> None:
+    """Options of long runs, shared by search and train (may change on --resume)."""
+    p.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="also checkpoint every N steps inside an epoch (default 200; 0: epoch ends only)")
+    p.add_argument("--max-nonfinite", type=int, metavar="K",
+                   help="stop with status 3 after K non-finite weight steps in a row (default 20)")
+
+
 def runtime_overrides(cfg, args) -> None:
     """What may change on --resume: where and how long to run, how often to checkpoint."""
     cfg.stop_after = args.stop_after
