@@ -163,7 +163,7 @@ def test_search_sigterm_mid_epoch(tmp_path):
     res = drive(tmp_path, [*SEARCH, "--checkpoint-every", "0", "--out", part], "term", 3)
     assert res.returncode == 143 and "gaea search --resume" in res.stderr, res.stderr[-2000:]
     state = rundir.load_checkpoint(os.path.join(part, "checkpoint.pt"))
-    assert state["loader_w"]["position"] == 3 and state["sums"]["seen"] == 3 * 64
+    assert state["loader_w"]["position"] == 3 and state["sums"][0]["seen"] == 3 * 64
 
 
 # --- torchrun elastic restart ------------------------------------------------------------------

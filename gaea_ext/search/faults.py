@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Callable, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -43,6 +43,31 @@ class Preempted(Exception):
 
 class NonFiniteError(Exception):
     code = NONFINITE_EXIT
+
+
+def gather_sums(sums: Dict[str, Any], device) -> List[Dict[str, Any]]:
+    """Every rank's running sums of the epoch (a collective): a mid-epoch checkpoint holds them
+    all, so each rank resumes its own and the epoch's record comes out as uninterrupted."""
+    keys = sorted(sums)
+    parts = [sums[k].flatten().tolist() if torch.is_tensor(sums[k]) else [float(sums[k])] for k in keys]
+    ranks = dist.all_gather_values([x for part in parts for x in part], device)
+    result = []
+    for values in ranks:
+        mine, i = {}, 0
+        for k, part in zip(keys, parts):
+            v, chunk = sums[k], values[i:i + len(part)]
+            i += len(part)
+            mine[k] = (torch.tensor(chunk, dtype=v.dtype, device=v.device).reshape(v.shape) if torch.is_tensor(v)
+                       else type(v)(chunk[0]))
+        result.append(mine)
+    return result
+
+
+def restore_sums(saved, rank: int, device) -> Optional[Dict[str, Any]]:
+    """This rank's running sums from a checkpoint (None: it was written at an epoch's end)."""
+    if saved is None:
+        return None
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in saved[rank].items()}
 
 
 class Guard:

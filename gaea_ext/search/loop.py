@@ -115,6 +115,7 @@ class Search:
         self.epoch = 0
         self.guard = faults.Guard(cfg.checkpoint_every, cfg.max_nonfinite, self.device)
         # The current epoch's running sums (None between epochs); part of a mid-epoch checkpoint.
+        self.saved_sums = None  # every rank's sums, for a mid-epoch checkpoint
         self.sums: Optional[Dict[str, Any]] = None
         self.skipped = False  # whether the last weight step was skipped as non-finite
 
@@ -133,7 +134,7 @@ class Search:
             "rng": rng_state(),
             "best": self.best,
             "scaler": self.prec.state_dict(),
-            "sums": None if self.sums is None else dict(self.sums),
+            "sums": self.saved_sums,
         }
 
     def load_state_dict(self, s: Dict[str, Any]) -> None:
@@ -151,9 +152,7 @@ class Search:
         self.arch_iter = iter(self.loader_a)
         self.best = s.get("best")
         self.prec.load_state_dict(s.get("scaler"))
-        sums = s.get("sums")
-        self.sums = None if sums is None else {k: v.to(self.device) if torch.is_tensor(v) else v
-                                                for k, v in sums.items()}
+        self.sums = faults.restore_sums(s.get("sums"), self.rank, self.device)
         set_rng_state(s["rng"])
         self._arch_opt_for_graphs()  # a loaded optimizer state brings its own flags and lr
 
@@ -289,6 +288,7 @@ class Search:
 
         def save():
             sums["seconds"] = time.perf_counter() - start
+            self.saved_sums = faults.gather_sums(sums, self.device)  # every rank's, for rank 0 to write
             self.save_checkpoint()
 
         for x, y in self.loader_w:
@@ -307,7 +307,7 @@ class Search:
             self.guard.after_step(self.epoch, self.loader_w.position, n, save)
         bar.close()
         secs = time.perf_counter() - start
-        self.sums = None
+        self.sums = self.saved_sums = None
         total_loss, total_correct, total_seen = dist.all_reduce_sum(
             [float(sums["loss_sum"]), float(sums["correct"]), float(sums["seen"])], self.device)
         total_seen = max(1.0, total_seen)

@@ -123,6 +123,7 @@ class Trainer:
         self.best = {"test_top1": -1.0, "test_top5": -1.0, "epoch": 0}
         self.last: Dict[str, float] = {}  # the latest epoch's test accuracy
         self.guard = faults.Guard(cfg.checkpoint_every, cfg.max_nonfinite, self.device)
+        self.saved_sums = None  # every rank's sums, for a mid-epoch checkpoint
         self.sums: Optional[Dict[str, Any]] = None  # the current epoch's running sums (mid-epoch checkpoints)
 
     # -- state ------------------------------------------------------------------------
@@ -130,7 +131,7 @@ class Trainer:
         return {"epoch": self.epoch, "config": self.cfg.to_dict(), "model": self.model.state_dict(),
                 "optimizer": self.opt.state_dict(), "scaler": self.prec.state_dict(),
                 "train_loader": self.train_loader.state_dict(), "best": dict(self.best), "last": dict(self.last), "rng": rng_state(),
-                "sums": None if self.sums is None else dict(self.sums)}
+                "sums": self.saved_sums}
 
     def load_state_dict(self, s: Dict[str, Any]) -> None:
         self.epoch = s["epoch"]
@@ -139,9 +140,7 @@ class Trainer:
         self.prec.load_state_dict(s.get("scaler"))
         self.train_loader.load_state_dict(s["train_loader"])
         self.best, self.last = dict(s["best"]), dict(s["last"])
-        sums = s.get("sums")
-        self.sums = None if sums is None else {k: v.to(self.device) if torch.is_tensor(v) else v
-                                                for k, v in sums.items()}
+        self.sums = faults.restore_sums(s.get("sums"), self.rank, self.device)
         set_rng_state(s["rng"])
 
     # -- steps ------------------------------------------------------------------------
@@ -189,6 +188,7 @@ class Trainer:
 
         def save():
             sums["seconds"] = time.perf_counter() - start
+            self.saved_sums = faults.gather_sums(sums, self.device)  # every rank's, for rank 0 to write
             if self.main and self.out:
                 rundir.save_checkpoint(os.path.join(self.out, "checkpoint.pt"), self.state_dict())
 
@@ -206,7 +206,7 @@ class Trainer:
             self.guard.after_step(self.epoch, self.train_loader.position, steps, save)
         bar.close()
         secs = time.perf_counter() - start
-        self.sums = None
+        self.sums = self.saved_sums = None
         loss_t, top1, top5, n = dist.all_reduce_sum([float(sums["loss_sum"]), *map(float, sums["correct"]),
                                                      float(sums["seen"])], self.device)
         n = max(1.0, n)
