@@ -138,10 +138,12 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # weights_only refused something a gaea_ext checkpoint never holds (a class, a function).
-        what = re.search(r"(Unsupported global: GLOBAL \S+|Unsupported operand \S+)", str(e))
-        raise RunDirError(f"refusing checkpoint {path}: not plain tensors and containers "
-                          f"({what.group(1) if what else 'unsafe pickle'}); it was not written by gaea_ext") from None
+        # weights_only refused a global (a class, a function): never in a gaea_ext checkpoint.
+        what = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if what:
+            raise RunDirError(f"refusing checkpoint {path}: it names {what.group(1)}, not only tensors and "
+                              "containers (not written by gaea_ext; nothing in it was run)") from None
+        raise RunDirError(f"corrupt checkpoint {path}: {str(e).splitlines()[-1][:200] if str(e) else 'unreadable'}") from None
     except Exception as e:  # torch raises many types for a damaged file
         raise RunDirError(f"corrupt checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     if not isinstance(state, dict) or "epoch" not in state:
