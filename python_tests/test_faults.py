@@ -22,7 +22,6 @@ from gaea_ext.search import rundir
 from conftest import run_log, run_result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
 # digits: 1438 training images, 22 steps of 64 per epoch
 SEARCH = ["search", "--epochs", "2", "--channels", "4", "--cells", "1", "--batch-size", "64", "--seed", "3",
@@ -172,9 +171,8 @@ DDP = ["search", "--epochs", "2", "--channels", "4", "--cells", "1", "--batch-si
        "--train-images", "256", "--device", "cpu", "--checkpoint-every", "2"]  # 4 steps per epoch per rank
 
 
-@pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed next to python")
 def test_torchrun_restart_after_a_killed_worker_resumes(tmp_path):
-    launch = [TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=1"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1"]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     res = drive(tmp_path, [*DDP, "--out", full], "none", 0, launcher=launch)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -287,6 +287,8 @@ class Search:
         same = arch and self.cfg.arch_batch == "same"
 
         def save():
+            if not self.out:  # (the same on every rank)
+                return
             sums["seconds"] = time.perf_counter() - start
             self.saved_sums = faults.gather_sums(sums, self.device)  # every rank's, for rank 0 to write
             self.save_checkpoint()
@@ -316,7 +318,7 @@ class Search:
                 "arch_nonfinite": int(sums["arch_nonfinite"])}
 
     def save_checkpoint(self) -> None:
-        """RUN_DIR/checkpoint.pt now (rank 0 writes; the others only agree when)."""
+        """RUN_DIR/checkpoint.pt now; rank 0 writes it (every rank calls this at the same step)."""
         if self.main and self.out:
             rundir.save_checkpoint(os.path.join(self.out, "checkpoint.pt"), self.state_dict())
 

@@ -187,6 +187,8 @@ class Trainer:
         start = time.perf_counter() - sums["seconds"]
 
         def save():
+            if not self.out:  # (the same on every rank)
+                return
             sums["seconds"] = time.perf_counter() - start
             self.saved_sums = faults.gather_sums(sums, self.device)  # every rank's, for rank 0 to write
             if self.main and self.out:
