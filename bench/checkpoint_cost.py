@@ -60,6 +60,7 @@ def main() -> None:
         sync()
         if i:  # the first step warms up
             step_s.append(time.perf_counter() - t)
+        print(f"step {i}: {time.perf_counter() - t:.3f} s{' (warm-up)' if not i else ''}", flush=True)
     path = os.path.join(out, "checkpoint.pt")
     save_s = []
     for _ in range(args.saves):
@@ -68,6 +69,7 @@ def main() -> None:
         s.saved_sums = faults.gather_sums(s.sums, s.device)
         rundir.save_checkpoint(path, s.state_dict())
         save_s.append(time.perf_counter() - t)
+        print(f"save: {save_s[-1]:.4f} s", flush=True)
     step, save = statistics.median(step_s), statistics.median(save_s)
     mb = os.path.getsize(path) / 2**20
     print(f"device {s.device}, C={cfg.channels} N={cfg.cells} batch {cfg.batch_size} res 32, "
