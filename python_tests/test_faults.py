@@ -287,3 +287,46 @@ def test_checkpoint_files_hold_no_pickled_code(tmp_path, search_ref):
         state = torch.load(f, weights_only=True)
     assert set(state["rng"]) >= {"torch", "python", "numpy"}
     assert pickle.dumps(state["rng"]["python"])  # plain tuples
+
+
+def test_log_never_ends_mid_record(tmp_path, monkeypatch):
+    """A kill mid-append leaves a cut line, which reading drops; a failed append is cut back."""
+    log = str(tmp_path / "log.jsonl")
+    rundir.append_log(log, {"epoch": 1})
+    with open(log, "a") as f:
+        f.write('{"epoch": 2, "train_lo')  # what a kill -9 mid-write leaves
+    assert rundir.read_log(log) == [{"epoch": 1}]
+    rundir.truncate_log(log, 1)
+    size = os.path.getsize(log)
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def tell(self):
+            return self.f.tell()
+
+        def truncate(self, n):
+            return self.f.truncate(n)
+
+        def write(self, data):  # half the line reaches the file, then the disk is full
+            self.f.write(data[: len(data) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def flush(self):
+            self.f.flush()
+
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, m="r", *a, **k: Full(real_open(p, m, *a, **k))
+                        if p == log and "a" in m else real_open(p, m, *a, **k))
+    with pytest.raises(rundir.CheckpointWriteError, match="No space left"):
+        rundir.append_log(log, {"epoch": 2})
+    monkeypatch.undo()
+    assert os.path.getsize(log) == size and rundir.read_log(log) == [{"epoch": 1}]
