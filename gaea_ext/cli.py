@@ -11,8 +11,10 @@
     gaea plot RUN_DIR
     torchrun --nproc_per_node=P -m gaea_ext search ...   # data parallel
 
-User errors (bad names, missing data, malformed tables, corrupt checkpoints) print one line
-and exit with status 2. As a command it tunes glibc malloc first (gaea_ext/allocator.py).
+User errors (bad names, missing data, malformed tables, corrupt or unsafe checkpoints, a
+RUN_DIR in use) print one line and exit with status 2; faults of a long run (non-finite steps:
+3, unwritable checkpoint: 4, SIGTERM/SIGINT: 143/130 after checkpointing) are listed in
+gaea_ext/search/session.py. As a command it tunes glibc malloc first (gaea_ext/allocator.py).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from typing import List, Optional
 
 from gaea_ext import data as gdata
 from gaea_ext.benchmarks.nb201 import NB201Table, TableError
-from gaea_ext.search import rundir
+from gaea_ext.search import faults, rundir, session
 from gaea_ext.search.config import PRESETS, SearchConfig, resolve
 from gaea_ext.search.methods import METHODS
 from gaea_ext.spaces import SPACES
@@ -97,6 +99,7 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     a("--out", metavar="RUN_DIR", help="write config, log, checkpoints and result here")
     a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     a("--stop-after", type=int, metavar="N", help="stop after N more epochs (resume later)")
+    session.add_fault_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,12 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args) -> tuple[SearchConfig, Optional[str], bool]:
     """The run's config, its directory, and whether it resumes."""
+    session.elastic_resume(args)
     if args.resume:
         cfg = rundir.resumed_config(args.resume, args.out, SearchConfig)
         # Where and how long to run may change on resume; what is searched may not.
-        cfg.stop_after = args.stop_after
-        cfg.device = args.device or cfg.device
-        cfg.workers = cfg.workers if args.workers is None else args.workers
+        session.runtime_overrides(cfg, args)
         return cfg, args.resume, True
     skip = {"cmd", "preset", "out", "resume"}
     overrides = {k: v for k, v in vars(args).items() if k not in skip}
@@ -139,30 +141,33 @@ def cmd_search(args) -> int:
     cfg, out, resuming = _config(args)
     if cfg.cuda_graphs and (pick_device(cfg.device).type != "cuda" or "WORLD_SIZE" in os.environ):
         raise UserError("--cuda-graphs needs a CUDA device and a single process")
-    state = rundir.load_checkpoint(os.path.join(out, "checkpoint.pt")) if resuming else None
-    search = Search(cfg, out)
-    try:
-        if search.main and out:
-            os.makedirs(out, exist_ok=True)
-            if not resuming:
-                rundir.write_json(os.path.join(out, "config.json"), cfg.to_dict())
-                if search.manifest is not None:
-                    rundir.write_json(os.path.join(out, "subsets.json"), search.manifest)
-        if state is not None:
-            search.load_state_dict(state)
+    with session.owned(out, resuming):
+        state = rundir.load_checkpoint(os.path.join(out, "checkpoint.pt")) if resuming else None
+        search = Search(cfg, out)
+        try:
+            if search.main and out:
+                if not resuming:
+                    rundir.write_json(os.path.join(out, "config.json"), cfg.to_dict())
+                    rundir.truncate_log(os.path.join(out, "log.jsonl"), 0)  # of a run that never checkpointed
+                    if search.manifest is not None:
+                        rundir.write_json(os.path.join(out, "subsets.json"), search.manifest)
+            if state is not None:
+                search.load_state_dict(state)
+                if search.main:
+                    rundir.truncate_log(os.path.join(out, "log.jsonl"), search.epoch)
+                    inside = "" if search.sums is None else f" step {search.loader_w.position}/{len(search.loader_w)}"
+                    print(f"resuming {out} at epoch {search.epoch}/{cfg.epochs}{inside}")
+            with session.guarded(search.guard, "search", out):
+                result = search.run()
             if search.main:
-                rundir.truncate_log(os.path.join(out, "log.jsonl"), search.epoch)
-                print(f"resuming {out} at epoch {search.epoch}/{cfg.epochs}")
-        result = search.run()
-        if search.main:
-            line = f"genotype {genotype_str(result['genotype'])} entropy {result['arch_entropy']:.3f}"
-            for bench in ("nb201", "nb101"):
-                if bench in result:
-                    line += "".join(f" {k} {v:.2f}" for k, v in result[bench].items() if isinstance(v, float))
-            print(line)
-    finally:
-        search.close()
-        dist.shutdown()
+                line = f"genotype {genotype_str(result['genotype'])} entropy {result['arch_entropy']:.3f}"
+                for bench in ("nb201", "nb101"):
+                    if bench in result:
+                        line += "".join(f" {k} {v:.2f}" for k, v in result[bench].items() if isinstance(v, float))
+                print(line)
+        finally:
+            search.close()
+            dist.shutdown()
     return 0
 
 
@@ -196,6 +201,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         return {"search": cmd_search, "train": cmd_train, "query": cmd_query, "plot": cmd_plot}[args.cmd](args)
+    except (faults.Preempted, faults.NonFiniteError, rundir.CheckpointWriteError) as e:
+        return session.report(e)
     except (UserError, gdata.DataError, TableError, rundir.RunDirError, ValueError) as e:
         sys.stderr.write(f"gaea: error: {e}\n")
         return 2

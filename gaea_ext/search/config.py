@@ -58,6 +58,8 @@ class SearchConfig:
     fused: bool = True
     device: str = "auto"
     stop_after: Optional[int] = None  # end this process after that many epochs (resume later)
+    checkpoint_every: int = 200  # also checkpoint every N steps inside an epoch (0: epoch ends only)
+    max_nonfinite: int = 20  # stop (exit 3) after this many non-finite weight steps in a row
     preset: Optional[str] = None
     extra: Dict[str, Any] = field(default_factory=dict)
 

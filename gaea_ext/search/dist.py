@@ -21,7 +21,16 @@ def init(device: torch.device) -> tuple[int, int]:
     if world <= 1:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if restart in ("", "0"):
+            dist.init_process_group(backend)
+        else:
+            # A torchrun restart reuses the agent's store, which still holds the dead group's
+            # addresses (gloo would connect to them and time out): key this group by attempt.
+            store, rank, size = next(dist.rendezvous("env://"))
+            dist.init_process_group(backend, store=dist.PrefixStore(f"gaea/attempt{restart}", store),
+                                    rank=rank, world_size=size)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -56,6 +65,24 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def all_reduce_max(values: list[float], device) -> list[float]:
+    if not active():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def all_gather_values(values: list[float], device) -> list[list[float]]:
+    """Every rank's ``values`` (float64, so float32 and integer counts come back exact)."""
+    if not active():
+        return [list(values)]
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [o.tolist() for o in out]
 
 
 def shutdown() -> None:

@@ -1,5 +1,9 @@
 """The search loop: alternate architecture and weight steps, log, checkpoint, resume.
 
+Checkpoints are written at each epoch's end and every cfg.checkpoint_every steps inside an
+epoch, with the epoch's running sums, so a run killed anywhere resumes bit for bit on the CPU
+(gaea_ext.search.faults: preemption signals, non-finite steps).
+
 Per step (GAEA's single-level ERM by default): the architecture gradient is taken on an
 independent training minibatch (a held-out split with --bilevel) and applied by the method's
 optimizer, then the shared weights take an SGD step on their own minibatch with the
@@ -22,7 +26,7 @@ from gaea_ext.benchmarks.nb101 import NB101Table
 from gaea_ext.benchmarks.nb201 import NB201Table
 from gaea_ext.precision import Precision
 from gaea_ext.search import data as search_data
-from gaea_ext.search import dist, rundir
+from gaea_ext.search import dist, faults, rundir
 from gaea_ext.search.config import SearchConfig
 from gaea_ext.search.graphs import GraphedStep
 from gaea_ext.search.methods import make_method
@@ -47,7 +51,10 @@ def peak_mem_mb(device: torch.device) -> float:
 
 
 def rng_state() -> Dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every global RNG's state as tensors and plain tuples (what a weights_only load accepts)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -56,7 +63,8 @@ def rng_state() -> Dict[str, Any]:
 def set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -108,6 +116,11 @@ class Search:
         self.table = NB201Table.load(cfg.nb201) if cfg.nb201 and cfg.space == "nb201" else None
         self.best: Optional[Dict[str, Any]] = None  # best validation epoch, for select="best-valid"
         self.epoch = 0
+        self.guard = faults.Guard(cfg.checkpoint_every, cfg.max_nonfinite, self.device)
+        # The current epoch's running sums (None between epochs); part of a mid-epoch checkpoint.
+        self.saved_sums = None  # every rank's sums, for a mid-epoch checkpoint
+        self.sums: Optional[Dict[str, Any]] = None
+        self.skipped = False  # whether the last weight step was skipped as non-finite
 
     # -- state ------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -124,6 +137,7 @@ class Search:
             "rng": rng_state(),
             "best": self.best,
             "scaler": self.prec.state_dict(),
+            "sums": self.saved_sums,
         }
 
     def load_state_dict(self, s: Dict[str, Any]) -> None:
@@ -141,6 +155,7 @@ class Search:
         self.arch_iter = iter(self.loader_a)
         self.best = s.get("best")
         self.prec.load_state_dict(s.get("scaler"))
+        self.sums = faults.restore_sums(s.get("sums"), self.rank, self.device)
         set_rng_state(s["rng"])
         self._arch_opt_for_graphs()  # a loaded optimizer state brings its own flags and lr
 
@@ -191,7 +206,22 @@ class Search:
         dist.average_grads(params)
         if self.cfg.arch_grad_clip:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.arch_grad_clip)
-        self.method.optimizer.step()
+        self.arch_update(params)
+
+    def arch_update(self, params) -> None:
+        """The architecture optimizer's step. EG leaves rows with a non-finite gradient unchanged
+        and reports how many; other optimizers (Adam) skip a non-finite step whole. Either way
+        the count goes to the epoch's log record (not under --cuda-graphs: no host reads there)."""
+        opt = self.method.optimizer
+        counting = self.sums is not None and not self.cfg.cuda_graphs
+        if counting and not hasattr(opt, "nonfinite_rows"):
+            if not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
+                self.sums["arch_nonfinite"] += 1
+                return
+        opt.step()
+        bad = getattr(opt, "nonfinite_rows", None)
+        if counting and bad is not None:
+            self.sums["arch_nonfinite"] = self.sums["arch_nonfinite"] + bad.to(torch.long)
 
     def weight_step(self, x, y, arch_too: bool = False):
         # The weight optimizer's own list: model.parameters() walks every module each step.
@@ -210,10 +240,17 @@ class Search:
         self.prec.backward(loss)
         dist.average_grads(params + arch_params)
         self.prec.unscale(self.w_opt)
-        torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        # A non-finite loss or gradient skips the step (the gradients were averaged, so every
+        # rank sees a non-finite one and skips alike); a long streak stops the run.
+        self.skipped = not self.cfg.cuda_graphs and not self.guard.admit(finite(norm, loss, self.world))
+        if self.skipped:
+            if self.prec.scaler:  # fp16: let the scaler lower its scale as if it had skipped
+                self.prec.scaler.update()
+            return loss.detach().float(), (logits.argmax(1) == y).sum()
         self.prec.step(self.w_opt)
         if arch_too:
-            self.method.optimizer.step()
+            self.arch_update(arch_params)
         return loss.detach().float(), (logits.argmax(1) == y).sum()
 
     def step(self, same: bool, x, y, xa=None, ya=None):
@@ -242,28 +279,51 @@ class Search:
         self.model.train()
         self.method.train()
         self.method.set_epoch(self.epoch, self.cfg.epochs)
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        seen = 0
-        bar = Progress(len(self.loader_w), f"epoch {self.epoch + 1}/{self.cfg.epochs}", self.main)
-        start = time.perf_counter()
+        if self.sums is None:  # a fresh epoch (else: resumed inside it from a checkpoint)
+            self.sums = {"loss_sum": torch.zeros((), device=self.device), "seen": 0, "seconds": 0.0,
+                         "correct": torch.zeros((), device=self.device, dtype=torch.long),
+                         "nonfinite": 0, "arch_nonfinite": torch.zeros((), device=self.device, dtype=torch.long)}
+        sums, n = self.sums, len(self.loader_w)
+        bar = Progress(n, f"epoch {self.epoch + 1}/{self.cfg.epochs}", self.main)
+        start = time.perf_counter() - sums["seconds"]
         arch = self.method.learns and self.epoch >= self.cfg.arch_warmup
         same = arch and self.cfg.arch_batch == "same"
+
+        def save():
+            if not self.out:  # (the same on every rank)
+                return
+            sums["seconds"] = time.perf_counter() - start
+            self.saved_sums = faults.gather_sums(sums, self.device)  # every rank's, for rank 0 to write
+            self.save_checkpoint()
+
         for x, y in self.loader_w:
             batch = (x, y, *self.next_arch_batch()) if arch and not same else (x, y)
             loss, right = self.step(same, *batch)
-            loss_sum += loss * len(y)
-            correct += right
-            seen += len(y)
+            if self.skipped:
+                sums["nonfinite"] += 1
+            else:
+                sums["loss_sum"] += loss * len(y)
+                sums["correct"] += right
+                sums["seen"] += len(y)
+            seen = max(1, sums["seen"])
             # The loss is read from the device only when the bar redraws (a few times a second).
-            bar.update(1, loss=lambda seen=seen: float(loss_sum) / seen,
+            bar.update(1, loss=lambda seen=seen: float(sums["loss_sum"]) / seen,
                        img_s=self.world * seen / (time.perf_counter() - start))
+            self.guard.after_step(self.epoch, self.loader_w.position, n, save)
         bar.close()
         secs = time.perf_counter() - start
+        self.sums = self.saved_sums = None
         total_loss, total_correct, total_seen = dist.all_reduce_sum(
-            [float(loss_sum), float(correct), float(seen)], self.device)
+            [float(sums["loss_sum"]), float(sums["correct"]), float(sums["seen"])], self.device)
+        total_seen = max(1.0, total_seen)
         return {"train_loss": total_loss / total_seen, "train_acc": 100.0 * total_correct / total_seen,
-                "seconds": secs, "images_per_s": total_seen / secs}
+                "seconds": secs, "images_per_s": total_seen / secs, "nonfinite_steps": sums["nonfinite"],
+                "arch_nonfinite": int(sums["arch_nonfinite"])}
+
+    def save_checkpoint(self) -> None:
+        """RUN_DIR/checkpoint.pt now; rank 0 writes it (every rank calls this at the same step)."""
+        if self.main and self.out:
+            rundir.save_checkpoint(os.path.join(self.out, "checkpoint.pt"), self.state_dict())
 
     @torch.no_grad()
     def evaluate(self, loader) -> float:
@@ -307,6 +367,7 @@ class Search:
                 if self.loader_valid is not None:
                     record["valid_acc"] = self.evaluate(self.loader_valid)
                 self.end_epoch(record)
+                self.guard.after_epoch(self.epoch)
         return self.finish()
 
     def end_epoch(self, record: Dict[str, Any]) -> None:
@@ -362,6 +423,16 @@ def nb101_scores(table: NB101Table, module_hash: str, best_test_error: float) ->
         return {"hash": module_hash, "valid_acc": None, "test_acc": None, "test_regret": None}
     return {"hash": module_hash, "valid_acc": 100.0 * found["valid_acc"], "test_acc": 100.0 * found["test_acc"],
             "test_regret": 100.0 * ((1.0 - found["test_acc"]) - best_test_error), "repeats": found["repeats"]}
+
+
+def finite(norm: torch.Tensor, loss: torch.Tensor, world: int) -> bool:
+    """Whether a weight step may be applied: its (rank-averaged) gradient norm is finite, and
+    in one process its loss too (across ranks a non-finite loss shows in the averaged
+    gradient; the loss alone would let ranks disagree)."""
+    ok = torch.isfinite(norm)
+    if world == 1:
+        ok = ok & torch.isfinite(loss.detach())
+    return bool(ok)
 
 
 def genotype_str(g) -> str:

@@ -17,7 +17,7 @@ import sys
 from typing import List, Optional
 
 from gaea_ext import data as gdata
-from gaea_ext.search import rundir
+from gaea_ext.search import faults, rundir, session
 from gaea_ext.train.config import PRESETS, SHAPES, TrainConfig, TrainError, check, resolve
 
 DATASETS = (*gdata.DATASETS, "imagenet")
@@ -54,6 +54,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     a("--stop-after", type=int, metavar="N", help="stop after N more epochs (resume later)")
     a("--summary", action="store_true", help="print the parameter count and exit without training")
+    session.add_fault_args(p)
     return p
 
 
@@ -64,12 +65,11 @@ def _config(args) -> tuple[TrainConfig, Optional[str], bool]:
     """The run's config, its directory, and whether it resumes."""
     from gaea_ext.spaces import genotypes
 
+    session.elastic_resume(args)
     if args.resume:
         cfg = rundir.resumed_config(args.resume, args.out, TrainConfig)
         # Where and how long to run may change on resume; what is trained may not.
-        cfg.stop_after = args.stop_after
-        cfg.device = args.device or cfg.device
-        cfg.workers = cfg.workers if args.workers is None else args.workers
+        session.runtime_overrides(cfg, args)
         return check(cfg), args.resume, True
     overrides = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
     cfg = resolve(args.preset, overrides)
@@ -102,26 +102,29 @@ def cmd_train(args) -> int:
         print(f"params {summary(cfg):.2f}M ({cfg.dataset}: C={cfg.channels}, {cfg.layers} cells, {classes} classes; "
               "auxiliary head excluded)")
         return 0
-    state = rundir.load_checkpoint(os.path.join(out, "checkpoint.pt")) if resuming else None
-    trainer = Trainer(cfg, out)
-    try:
-        if trainer.main and out:
-            os.makedirs(out, exist_ok=True)
-            if not resuming:
+    with session.owned(out, resuming):
+        state = rundir.load_checkpoint(os.path.join(out, "checkpoint.pt")) if resuming else None
+        trainer = Trainer(cfg, out)
+        try:
+            if trainer.main and out and not resuming:
                 rundir.write_json(os.path.join(out, "config.json"), cfg.to_dict())
-        if state is not None:
-            trainer.load_state_dict(state)
+                rundir.truncate_log(os.path.join(out, "log.jsonl"), 0)  # of a run that never checkpointed
+            if state is not None:
+                trainer.load_state_dict(state)
+                if trainer.main:
+                    rundir.truncate_log(os.path.join(out, "log.jsonl"), trainer.epoch)
+                    inside = "" if trainer.sums is None else \
+                        f" step {trainer.train_loader.position}/{len(trainer.train_loader)}"
+                    print(f"resuming {out} at epoch {trainer.epoch}/{cfg.epochs}{inside}")
+            with session.guarded(trainer.guard, "train", out):
+                result = trainer.run()
             if trainer.main:
-                rundir.truncate_log(os.path.join(out, "log.jsonl"), trainer.epoch)
-                print(f"resuming {out} at epoch {trainer.epoch}/{cfg.epochs}")
-        result = trainer.run()
-        if trainer.main:
-            print(f"params {result['params_m']:.2f}M test top-1 {result['final_test_top1']:.2f} "
-                  f"(best {result['best_test_top1']:.2f} at epoch {result['best_epoch']}) "
-                  f"top-5 {result['final_test_top5']:.2f}")
-    finally:
-        trainer.close()
-        dist.shutdown()
+                print(f"params {result['params_m']:.2f}M test top-1 {result['final_test_top1']:.2f} "
+                      f"(best {result['best_test_top1']:.2f} at epoch {result['best_epoch']}) "
+                      f"top-5 {result['final_test_top5']:.2f}")
+        finally:
+            trainer.close()
+            dist.shutdown()
     return 0
 
 
@@ -132,6 +135,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return cmd_train(args)
+    except (faults.Preempted, faults.NonFiniteError, rundir.CheckpointWriteError) as e:
+        return session.report(e)
     except (ValueError, gdata.DataError, rundir.RunDirError) as e:
         sys.stderr.write(f"gaea: error: {e}\n")
         return 2

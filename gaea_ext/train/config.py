@@ -46,6 +46,8 @@ class TrainConfig:
     device: str = "auto"
     workers: int = 8  # decoding processes of the streaming ImageNet loader (0: in the main process)
     stop_after: Optional[int] = None  # end this process after that many epochs (resume later)
+    checkpoint_every: int = 200  # also checkpoint every N steps inside an epoch (0: epoch ends only)
+    max_nonfinite: int = 20  # stop (exit 3) after this many non-finite steps in a row
     preset: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:

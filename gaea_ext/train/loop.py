@@ -7,6 +7,8 @@ The learning rate and drop-path probability are functions of the epoch (config.l
 config.drop_path_at), so a checkpoint needs no scheduler state. Every random draw is either
 from the global torch RNG (init, drop path; saved in checkpoints) or from a generator seeded
 by (seed, epoch, rank, batch) (data order, crops, cutout), so resuming is exact on CPU.
+Checkpoints, preemption and non-finite steps work as in the search (gaea_ext.search.faults):
+a checkpoint every cfg.checkpoint_every steps holds the epoch's running sums too.
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ import torch.nn.functional as F
 from gaea_ext import data as gdata
 from gaea_ext.data.seeding import generator
 from gaea_ext.precision import Precision
-from gaea_ext.search import dist, rundir
-from gaea_ext.search.loop import peak_mem_mb, pick_device, rng_state, set_rng_state
+from gaea_ext.search import dist, faults, rundir
+from gaea_ext.search.loop import finite, peak_mem_mb, pick_device, rng_state, set_rng_state
 from gaea_ext.search.progress import Progress
 from gaea_ext.spaces import genotypes
 from gaea_ext.train.config import TrainConfig, TrainError, check, drop_path_at, lr_at
@@ -120,12 +122,16 @@ class Trainer:
         self.epoch = 0
         self.best = {"test_top1": -1.0, "test_top5": -1.0, "epoch": 0}
         self.last: Dict[str, float] = {}  # the latest epoch's test accuracy
+        self.guard = faults.Guard(cfg.checkpoint_every, cfg.max_nonfinite, self.device)
+        self.saved_sums = None  # every rank's sums, for a mid-epoch checkpoint
+        self.sums: Optional[Dict[str, Any]] = None  # the current epoch's running sums (mid-epoch checkpoints)
 
     # -- state ------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         return {"epoch": self.epoch, "config": self.cfg.to_dict(), "model": self.model.state_dict(),
                 "optimizer": self.opt.state_dict(), "scaler": self.prec.state_dict(),
-                "train_loader": self.train_loader.state_dict(), "best": dict(self.best), "last": dict(self.last), "rng": rng_state()}
+                "train_loader": self.train_loader.state_dict(), "best": dict(self.best), "last": dict(self.last), "rng": rng_state(),
+                "sums": self.saved_sums}
 
     def load_state_dict(self, s: Dict[str, Any]) -> None:
         self.epoch = s["epoch"]
@@ -134,6 +140,7 @@ class Trainer:
         self.prec.load_state_dict(s.get("scaler"))
         self.train_loader.load_state_dict(s["train_loader"])
         self.best, self.last = dict(s["best"]), dict(s["last"])
+        self.sums = faults.restore_sums(s.get("sums"), self.rank, self.device)
         set_rng_state(s["rng"])
 
     # -- steps ------------------------------------------------------------------------
@@ -155,7 +162,15 @@ class Trainer:
         dist.average_grads(self.params)
         self.prec.unscale(self.opt)
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in self.params
+                                                         if p.grad is not None]))
+        # A non-finite loss or gradient skips the step (see gaea_ext.search.loop.finite).
+        if not self.guard.admit(finite(norm, loss, self.world)):
+            if self.prec.scaler:
+                self.prec.scaler.update()
+            return None
         self.prec.step(self.opt)
         return loss.detach(), topk_correct(logits.detach(), y)
 
@@ -164,22 +179,41 @@ class Trainer:
         self.model.drop_path_prob = drop_path_at(self.cfg, self.epoch)
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.cfg, self.epoch)
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros(2, device=self.device, dtype=torch.long)
-        seen = 0
-        bar = Progress(len(self.train_loader), f"epoch {self.epoch + 1}/{self.cfg.epochs}", self.main)
-        start = time.perf_counter()
-        for batch, (x, y) in enumerate(self.train_loader):
-            loss, right = self.step(x, y, batch)
-            loss_sum += loss * len(y)
-            correct += right
-            seen += len(y)
-            bar.update(1, loss=lambda seen=seen: float(loss_sum) / seen)  # read only when the bar redraws
+        if self.sums is None:  # a fresh epoch (else: resumed inside it from a checkpoint)
+            self.sums = {"loss_sum": torch.zeros((), device=self.device), "seen": 0, "seconds": 0.0,
+                         "correct": torch.zeros(2, device=self.device, dtype=torch.long), "nonfinite": 0}
+        sums, steps = self.sums, len(self.train_loader)
+        bar = Progress(steps, f"epoch {self.epoch + 1}/{self.cfg.epochs}", self.main)
+        start = time.perf_counter() - sums["seconds"]
+
+        def save():
+            if not self.out:  # (the same on every rank)
+                return
+            sums["seconds"] = time.perf_counter() - start
+            self.saved_sums = faults.gather_sums(sums, self.device)  # every rank's, for rank 0 to write
+            if self.main and self.out:
+                rundir.save_checkpoint(os.path.join(self.out, "checkpoint.pt"), self.state_dict())
+
+        for x, y in self.train_loader:
+            # The batch's index in its epoch (seeds its cutout), also when resumed mid-epoch.
+            out = self.step(x, y, self.train_loader.position - 1)
+            if out is None:
+                sums["nonfinite"] += 1
+            else:
+                sums["loss_sum"] += out[0] * len(y)
+                sums["correct"] += out[1]
+                sums["seen"] += len(y)
+            seen = max(1, sums["seen"])
+            bar.update(1, loss=lambda seen=seen: float(sums["loss_sum"]) / seen)  # read only when the bar redraws
+            self.guard.after_step(self.epoch, self.train_loader.position, steps, save)
         bar.close()
         secs = time.perf_counter() - start
-        loss_t, top1, top5, n = dist.all_reduce_sum([float(loss_sum), *map(float, correct), float(seen)], self.device)
+        self.sums = self.saved_sums = None
+        loss_t, top1, top5, n = dist.all_reduce_sum([float(sums["loss_sum"]), *map(float, sums["correct"]),
+                                                     float(sums["seen"])], self.device)
+        n = max(1.0, n)
         return {"train_loss": loss_t / n, "train_top1": 100 * top1 / n, "train_top5": 100 * top5 / n,
-                "seconds": secs, "images_per_s": n / secs}
+                "seconds": secs, "images_per_s": n / secs, "nonfinite_steps": sums["nonfinite"]}
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
@@ -211,6 +245,7 @@ class Trainer:
             if record["test_top1"] > self.best["test_top1"]:
                 self.best = {"test_top1": record["test_top1"], "test_top5": record["test_top5"], "epoch": self.epoch}
             self.end_epoch(record)
+            self.guard.after_epoch(self.epoch)
         return self.finish()
 
     def close(self) -> None:
