@@ -128,12 +128,15 @@ def main(argv=None) -> Dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--steps", type=int, default=None, help="steps per epoch (default: one pass)")
+    ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--channels", type=int, default=16)
     ap.add_argument("--arch-lr", type=float, default=3.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--double", action="store_true", help="float64, for an A/B comparison free of rounding")
     ap.add_argument("--no-fused", dest="fused", action="store_false", help="the eager sum, for A/B runs")
     a = ap.parse_args(argv)
-    return search(a.epochs, a.steps, channels=a.channels, fused=a.fused, arch_lr=a.arch_lr, seed=a.seed)
+    return search(a.epochs, a.steps, a.batch, a.channels, a.fused, a.arch_lr, seed=a.seed,
+                  dtype=torch.float64 if a.double else torch.float32)
 
 
 if __name__ == "__main__":
