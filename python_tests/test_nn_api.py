@@ -196,3 +196,20 @@ def test_builtin_spaces_use_the_public_mixed_op():
     edges = [m for m in NB201Network(4, 1, 10, 3).modules() if isinstance(m, MixedOp)]
     assert edges and all(type(m) is SpaceMixedOp for m in edges)
     assert SpaceMixedOp.forward is MixedOp.forward and SpaceMixedOp._fused is MixedOp._fused
+
+
+def test_readme_snippet_searches():
+    """README "Your own search space": the snippet a user copies runs and moves the rows."""
+    import os
+    import re
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    section = readme.split("## Your own search space", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    torch.manual_seed(0)
+    data = [(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))) for _ in range(3)]
+    scope = {"train_loader": data, "arch_loader": data[::-1]}
+    exec(compile(code, "README.md", "exec"), scope)
+    arch = scope["arch"]
+    assert set(scope["choices"](scope["model"])) == {"blocks.0", "blocks.1", "blocks.2"}
+    assert arch.entropy() < arch.max_entropy()
