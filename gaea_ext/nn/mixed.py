@@ -196,10 +196,15 @@ class MixedOp(nn.Module):
         relu = torch.relu(x) if e.relu else None
         ys = [self._body(p, x, relu) if p.bn is None else p.bn(self._body(p, x, relu)) for p in e.plain]
         zs = [self._body(p, x, relu) for p in e.folded]
-        self._check_shapes([*ys, *zs], e.w_index, x if e.pf else None)
-        reason = _unfusable(x if e.pf else None, [*ys, *zs], weights)
-        if reason is not None:
-            return self._fallback(reason, x, ys, zs, weights, e)
+        outs = ys + zs
+        ref = x if e.pf else outs[0]
+        shape, dtype = ref.shape, ref.dtype
+        ok = dtype in _FLOATS and (weights.dtype is torch.float32 or weights.dtype is dtype)
+        for t in outs:  # one cheap pass on every call; the diagnosis only when it fails
+            ok = ok and t.shape == shape and t.dtype is dtype
+        if not ok:
+            self._check_shapes(outs, e.w_index, x if e.pf else None)
+            return self._fallback(_unfusable(x if e.pf else None, outs, weights), x, ys, zs, weights, e)
         if e.folded:
             # One native op (csrc/): BN statistics, running-stat update, normalize, pool/skip
             # from x and mix; weights is the edge's whole row, read through w_index.
