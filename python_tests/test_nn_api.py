@@ -213,3 +213,14 @@ def test_readme_snippet_searches():
     arch = scope["arch"]
     assert set(scope["choices"](scope["model"])) == {"blocks.0", "blocks.1", "blocks.2"}
     assert arch.entropy() < arch.max_entropy()
+
+
+def test_switching_fused_replans():
+    torch.manual_seed(0)
+    edge = MixedOp({"a": sep(3, 3, 3, 1), "pool": nn.AvgPool2d(3, 1, 1, count_include_pad=False)}, fused=False)
+    x, w = torch.randn(2, 3, 4, 4), torch.tensor([0.6, 0.4])
+    eager = edge(x, w)
+    assert not edge.plans
+    edge.fused = True
+    assert set(edge.pf_slots) == {1} and edge.fusion()["a"].endswith("BN folded in training mode")
+    torch.testing.assert_close(edge(x, w), eager, rtol=1e-5, atol=1e-6)

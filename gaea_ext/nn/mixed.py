@@ -59,11 +59,20 @@ class MixedOp(nn.Module):
         self.live = [i for i, (_, m) in enumerate(items) if m is not None]
         if not self.live:
             raise ValueError("MixedOp: no candidate to compute (all are None)")
-        self.key, self.stride, self.fused = key, stride, fused
+        self.key, self.stride = key, stride
         self.ops = nn.ModuleList(items[i][1] for i in self.live)
         self.slot = {k: s for s, k in enumerate(self.live)}  # weight index -> position in self.ops
         self.all_slots = tuple(range(len(self.ops)))
         self._arch_row: Optional[torch.Tensor] = None  # bound by ArchParameters; not registered here
+        self.fused = fused  # plans the fused path
+
+    @property
+    def fused(self) -> bool:
+        return self._fused_flag
+
+    @fused.setter
+    def fused(self, value: bool) -> None:
+        self._fused_flag = bool(value)
         self.replan()
 
     def replan(self) -> None:
