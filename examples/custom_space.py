@@ -87,7 +87,7 @@ def load(split: str):
 
 
 def search(epochs: int = 12, steps: Optional[int] = None, batch: int = 64, channels: int = 16, fused: bool = True,
-           arch_lr: float = 3.0, lr: float = 0.05, seed: int = 0, dtype: torch.dtype = torch.float32,
+           arch_lr: float = 6.0, lr: float = 0.05, seed: int = 0, dtype: torch.dtype = torch.float32,
            echo=print) -> Dict:
     """Run the search; returns the choices, the entropy before and after each epoch, test
     accuracy of the supernet. steps: per epoch (default: one pass over the training set)."""
@@ -101,6 +101,7 @@ def search(epochs: int = 12, steps: Optional[int] = None, batch: int = 64, chann
     train = batches(x, y, batch, torch.Generator().manual_seed(seed + 1))
     arch_data = batches(x, y, batch, torch.Generator().manual_seed(seed + 2))  # independent minibatches
     steps = steps or len(x) // batch
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(weight_opt, epochs * steps)
     entropy: List[float] = [arch.entropy()]
     echo(f"{len(arch.rows)} choices, entropy {entropy[0]:.3f} nats (uniform)")
     model.train()
@@ -108,6 +109,7 @@ def search(epochs: int = 12, steps: Optional[int] = None, batch: int = 64, chann
         start, total = time.perf_counter(), 0.0
         for _ in range(steps):
             total += float(gaea_step(model, F.cross_entropy, next(train), next(arch_data), weight_opt, arch_opt))
+            sched.step()
         entropy.append(arch.entropy())
         echo(f"epoch {epoch + 1}/{epochs}: loss {total / steps:.3f}, entropy {entropy[-1]:.3f}, "
              f"{time.perf_counter() - start:.1f} s")
@@ -130,7 +132,7 @@ def main(argv=None) -> Dict:
     ap.add_argument("--steps", type=int, default=None, help="steps per epoch (default: one pass)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--channels", type=int, default=16)
-    ap.add_argument("--arch-lr", type=float, default=3.0)
+    ap.add_argument("--arch-lr", type=float, default=6.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--double", action="store_true", help="float64, for an A/B comparison free of rounding")
     ap.add_argument("--no-fused", dest="fused", action="store_false", help="the eager sum, for A/B runs")
