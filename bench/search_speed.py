@@ -63,6 +63,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from gaea_ext.precision import Precision
+from gaea_ext.search import faults
 from gaea_ext.search.config import SearchConfig
 from gaea_ext.search.loop import Search
 from gaea_ext.search.methods import METHOD_ARCH_LR, make_method
@@ -160,6 +161,11 @@ def search_path(case: Case, fused: bool, args, device: torch.device, foreach: Op
     s = SimpleNamespace(cfg=cfg, model=model, method=method, w_opt=w_opt, forward=model,  # eager, as Search
                         prec=Precision(cfg.amp, device, cfg.channels_last))         # without --compile
     s.weights = lambda: Search.weights(s)
+    # What Search.__init__ sets for the non-finite guard (a step reads one flag, as in a run)
+    # and the epoch sums (None: outside an epoch, so no architecture skip counting).
+    s.world, s.sums = 1, None
+    s.guard = faults.Guard(cfg.checkpoint_every, cfg.max_nonfinite, device)
+    s.arch_update = lambda params: Search.arch_update(s, params)
     model.train()
     method.train()
     method.set_epoch(0, cfg.epochs)
@@ -194,6 +200,7 @@ def train_path(case: Case, args, device: torch.device):
                         memory_format=fmt, prec=prec, amp_dtype=prec.dtype, scaler=prec.scaler,
                         opt=torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay))
     t.autocast = prec.autocast
+    t.guard = faults.Guard(cfg.checkpoint_every, cfg.max_nonfinite, device)
 
     def step(x, y, i):
         Trainer.step(t, x, y, i)
