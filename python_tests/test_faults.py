@@ -103,6 +103,17 @@ def assert_same_run(full, part):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The runs compared bitwise must sum in the same order: the killed and preempted runs are
+    subprocesses with OMP_NUM_THREADS=1, so the in-process reference and resumed runs use one
+    thread too (CPU convolutions and reductions sum in a thread-count-dependent order)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def search_ref(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ref") / "search")
