@@ -20,13 +20,19 @@ def test_search_speed_smoke_runs_every_case(tmp_path):
         assert f"| {case} |" in table, case
 
 
-def _host_cost():
+def _bench(name):
+    """A bench/ script imported as a module (it imports its bench/ neighbours by plain name)."""
+    import importlib
+
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     try:
-        import host_cost
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
-    return host_cost
+
+
+def _host_cost():
+    return _bench("host_cost")
 
 
 def test_host_cost_counting_rule():
@@ -76,20 +82,11 @@ def test_host_cost_smoke(tmp_path):
         assert row in table, row
 
 
-def _search_quality():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    try:
-        import search_quality
-    finally:
-        sys.path.pop(0)
-    return search_quality
-
-
 def test_search_quality_summary_and_fair_baselines():
     """The quality table's statistics, and the baselines' equal-steps rule (bilevel epochs doubled)."""
     from types import SimpleNamespace
 
-    sq = _search_quality()
+    sq = _bench("search_quality")
     base = {"n": 4096, "mean": 90.0, "median": 91.38, "p90": 93.26, "max": 94.37}
     rows = [dict(label="gaea", seed=s, cifar10=a, entropy=e, wall_s=w, args=[], genotype="g", threads=None, jobs=1)
             for s, a, e, w in ((0, 94.0, 0.8, 100), (1, 93.0, 0.9, 120), (2, 93.5, 1.0, 300))]
