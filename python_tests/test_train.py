@@ -196,7 +196,7 @@ def test_standalone_main_prints_one_line(capsys, tmp_path):
 # --- data parallel and ImageNet ----------------------------------------------------------
 
 DDP_SCRIPT = r"""
-import json, sys, torch, torch.distributed as dist
+import json, os, sys, torch, torch.distributed as dist
 from gaea_ext.train.config import resolve
 from gaea_ext.train.loop import Trainer
 from gaea_ext.search import dist as gdist
@@ -207,29 +207,26 @@ t.run()
 w = torch.cat([p.detach().flatten() for p in t.model.parameters()])
 got = [torch.empty_like(w) for _ in range(dist.get_world_size())]
 dist.all_gather(got, w)
-if dist.get_rank() == 0:
-    print(json.dumps({"equal": all(torch.equal(got[0], g) for g in got), "world": dist.get_world_size()}))
+rank, world = dist.get_rank(), dist.get_world_size()
 gdist.shutdown()
+# shutdown() must end the group for real: gloo threads left running at interpreter exit can
+# abort the process (see gaea_ext/search/dist.py:init).
+tasks = "/proc/self/task"
+threads = [open(f"{tasks}/{n}/comm").read().strip() for n in os.listdir(tasks)] if os.path.isdir(tasks) else []
+if rank == 0:
+    print(json.dumps({"equal": all(torch.equal(got[0], g) for g in got), "world": world,
+                      "gloo_threads_after_shutdown": sum("gloo" in t for t in threads)}))
 """
 
 
 def test_two_process_data_parallel_keeps_ranks_identical(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    def launch():
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               str(script)], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                              timeout=300)
-
-    res = launch()
-    # KNOWN BUG (open in issue 13's closing note, 2026-11-30): since the fault-handling merge a
-    # 2-process gloo run sometimes aborts at interpreter exit, after its work is done and the
-    # result is printed (std::terminate with no Python frame; 2-3 runs in 12 on the dev VM, 0 in
-    # 12 before it). Until it is fixed, that exact signature is retried once; anything else fails.
-    if res.returncode != 0 and "terminate called without an active exception" in res.stderr and '"equal"' in res.stdout:
-        res = launch()
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script)], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert json.loads(res.stdout.strip().splitlines()[-1]) == {"equal": True, "world": 2}
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == {"equal": True, "world": 2, "gloo_threads_after_shutdown": 0}
 
 
 def test_imagenet_tree_trains(tmp_path):

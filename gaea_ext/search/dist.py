@@ -21,6 +21,14 @@ def init(device: torch.device) -> tuple[int, int]:
     if world <= 1:
         return 0, 1
     if not dist.is_initialized():
+        # torch.distributed.nn binds ``group.WORLD`` as a default argument when it is imported,
+        # and torch.optim imports it lazily (through torch._dynamo) when the first optimizer is
+        # built. Imported after the group exists, it keeps the group alive past
+        # destroy_process_group, so gloo's worker threads outlive shutdown() and can free a
+        # Python-owned tensor during interpreter exit (std::terminate, SIGABRT). Imported first,
+        # it binds None.
+        import torch.distributed.nn  # noqa: F401
+
         backend = "nccl" if device.type == "cuda" else "gloo"
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         if restart in ("", "0"):
