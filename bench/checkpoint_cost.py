@@ -44,9 +44,10 @@ def main() -> None:
     s = Search(cfg, out, echo=lambda *a: None)
     s.model.train()
     s.method.train()
-    s.sums = {"loss_sum": torch.zeros((), device=s.device), "seen": 0, "seconds": 0.0, "nonfinite": 0,
-              "correct": torch.zeros((), device=s.device, dtype=torch.long),
-              "arch_nonfinite": torch.zeros((), device=s.device, dtype=torch.long)}
+    count = dict(device=s.device, dtype=torch.long)  # the epoch's running sums, as Search.train_epoch starts them
+    s.sums = {"loss_sum": torch.zeros((), device=s.device), "seen": torch.zeros((), **count), "seconds": 0.0,
+              "correct": torch.zeros((), **count), "nonfinite": torch.zeros((), **count),
+              "arch_nonfinite": torch.zeros((), **count)}
     sync = torch.cuda.synchronize if s.device.type == "cuda" else (lambda: None)
     batches = iter(s.loader_w)
     step_s = []

@@ -30,9 +30,10 @@ This measures, for the NB201 and DARTS spaces, on the real search step (bench/se
 3. The paper-size CPU step, as search_speed.py measures it (images/s and saved activations),
    at the thread count the process has.
 
-For 1 and 2 the weight step's SGD and gradient clipping use their foreach kernels, as torch
-picks by default on CUDA (on CPU it would loop per tensor; those ops are the same on both
-paths). 3 runs exactly as `gaea search` does on a CPU.
+For 1 and 2 gradient clipping uses its foreach kernels, as torch picks by default on CUDA (on
+CPU it would loop per tensor; those ops are the same on both paths); the weight step's SGD is
+the fused one `gaea search` uses on every device (it skips a non-finite step on the device).
+3 runs exactly as `gaea search` does on a CPU.
 
     .venv/bin/python bench/host_cost.py                       # ~5 min on 2 cores
     .venv/bin/python bench/host_cost.py --paper-steps 0       # counts and host time only (~1-2 min)
@@ -233,9 +234,9 @@ def edges(model: torch.nn.Module) -> int:
 
 
 def tiny_step(case: Case, fused: bool, args):
-    """(model, step()) on the tiny inputs, SGD with foreach kernels."""
+    """(model, step()) on the tiny inputs, clipping with foreach kernels."""
     device = torch.device("cpu")
-    model, step = search_path(case, fused, args, device, foreach=True)
+    model, step = search_path(case, fused, args, device)
     x, y, xa, ya = inputs(case, device, 2)
 
     def run():

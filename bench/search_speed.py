@@ -141,9 +141,9 @@ def per_case(text: Optional[str], flag: str) -> Dict[str, int]:
 
 # -- steps: the real ones, on a stand-in object ---------------------------------------------
 
-def search_path(case: Case, fused: bool, args, device: torch.device, foreach: Optional[bool] = None):
-    """(network, step(x, y, xa, ya)) running Search.arch_step then Search.weight_step; `foreach`
-    is SGD's (None: torch's default, as `gaea search`)."""
+def search_path(case: Case, fused: bool, args, device: torch.device):
+    """(network, step(x, y, xa, ya)) running Search.arch_step then Search.weight_step, with the
+    weight optimizer `gaea search` builds (fused SGD, which skips non-finite steps on the device)."""
     torch.manual_seed(0)
     cfg = SearchConfig(space=case.space, method=case.method, batch_size=case.batch, channels=case.channels,
                        cells=case.cells, exclude_none=case.space == "nb201", partial=case.partial, stem="cifar",
@@ -156,16 +156,16 @@ def search_path(case: Case, fused: bool, args, device: torch.device, foreach: Op
                          tau=(cfg.tau_max, cfg.tau_min)).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    w_opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                            foreach=foreach)
+    w_opt = faults.weight_optimizer(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     s = SimpleNamespace(cfg=cfg, model=model, method=method, w_opt=w_opt, forward=model,  # eager, as Search
                         prec=Precision(cfg.amp, device, cfg.channels_last))         # without --compile
     s.weights = lambda: Search.weights(s)
-    # What Search.__init__ sets for the non-finite guard (a step reads one flag, as in a run)
-    # and the epoch sums (None: outside an epoch, so no architecture skip counting).
-    s.world, s.sums = 1, None
+    # What Search.__init__ sets for the non-finite guard (a step counts its verdict on the
+    # device, as in a run) and the epoch sums (None: outside an epoch, so no architecture skip
+    # counting).
+    s.world, s.sums, s.ok = 1, None, None
     s.guard = faults.Guard(cfg.checkpoint_every, cfg.max_nonfinite, device)
-    s.arch_update = lambda params: Search.arch_update(s, params)
+    s.arch_update = lambda params, ok=None: Search.arch_update(s, params, ok)
     model.train()
     method.train()
     method.set_epoch(0, cfg.epochs)
@@ -198,7 +198,7 @@ def train_path(case: Case, args, device: torch.device):
     # the dtype/scaler pair an earlier Trainer used), without its data loaders.
     t = SimpleNamespace(cfg=cfg, epoch=0, rank=0, world=1, device=device, model=model, params=params,
                         memory_format=fmt, prec=prec, amp_dtype=prec.dtype, scaler=prec.scaler,
-                        opt=torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay))
+                        opt=faults.weight_optimizer(params, cfg.lr, cfg.momentum, cfg.weight_decay))
     t.autocast = prec.autocast
     t.guard = faults.Guard(cfg.checkpoint_every, cfg.max_nonfinite, device)
 

@@ -14,6 +14,7 @@ import gaea_ext.search.loop as loop
 import gaea_ext.search.progress as progress
 from gaea_ext.search.config import resolve
 from gaea_ext.search.loop import Search
+from conftest import cuda_only
 
 
 class CountReads(TorchDispatchMode):
@@ -32,7 +33,7 @@ class Tty(io.StringIO):
         return True
 
 
-def _epoch_reads(monkeypatch, enabled: bool, every: float):
+def _epoch_reads(monkeypatch, enabled: bool, every: float, images: int = 128):
     bars = []
 
     class Bar(progress.Progress):
@@ -42,7 +43,7 @@ def _epoch_reads(monkeypatch, enabled: bool, every: float):
 
     monkeypatch.setattr(progress.sys, "stderr", Tty())
     monkeypatch.setattr(loop, "Progress", Bar)
-    cfg = resolve(None, dict(epochs=1, channels=4, cells=1, batch_size=16, seed=3, train_images=128))
+    cfg = resolve(None, dict(epochs=1, channels=4, cells=1, batch_size=16, seed=3, train_images=images))
     s = Search(cfg, None, echo=lambda *a: None)
     with CountReads() as count:
         s.train_epoch()
@@ -67,3 +68,65 @@ def test_progress_evaluates_callable_stats_only_on_redraw(monkeypatch):
         bar.update(1, loss=lambda: calls.append(1) or 0.5, img_s=3.0)
     assert bar.redraws == 1 and len(calls) == 1
     assert "loss 0.5" in progress.sys.stderr.getvalue()
+
+
+def test_search_steps_read_nothing_from_the_device(monkeypatch):
+    """The non-finite check decides and counts on the device (fused SGD's found_inf) and the
+    guard reads its streak from host memory: an epoch's reads do not grow with its steps."""
+    short, _, n_short = _epoch_reads(monkeypatch, enabled=False, every=3600.0, images=128)
+    long, _, n_long = _epoch_reads(monkeypatch, enabled=False, every=3600.0, images=256)
+    assert n_long == 2 * n_short and long == short, (short, long)
+
+
+def test_train_steps_read_nothing_from_the_device(monkeypatch):
+    from gaea_ext.train.config import resolve as train_resolve
+    from gaea_ext.train.loop import Trainer
+
+    def reads(images):
+        cfg = train_resolve(None, dict(genotype="DARTS_V2", epochs=1, layers=2, channels=4, batch_size=16,
+                                       train_images=images, device="cpu"))
+        t = Trainer(cfg, None, echo=lambda *a: None)
+        with CountReads() as count:
+            t.train_epoch()
+        return count.reads, len(t.train_loader)
+
+    (short, n_short), (long, n_long) = reads(64), reads(128)
+    assert n_long == 2 * n_short and long == short, (short, long)
+
+
+@cuda_only
+def test_cuda_search_and_train_steps_do_not_sync():
+    """On a GPU a step launches and returns: no device-to-host read anywhere in it (the
+    non-finite skip, its streak and the epoch sums stay on the device). A step's first run
+    (lazy initialisation) is left out."""
+    from gaea_ext.train.config import resolve as train_resolve
+    from gaea_ext.train.loop import Trainer
+    from gaea_ext.search.loop import add_step
+
+    s = Search(resolve(None, dict(epochs=1, channels=4, cells=1, batch_size=16, seed=3, train_images=128,
+                                  device="cuda")), None, echo=lambda *a: None)
+    s.model.train()
+    s.method.train()
+    s.sums = {k: torch.zeros((), dtype=torch.long if k != "loss_sum" else torch.float32, device="cuda")
+              for k in ("loss_sum", "seen", "correct", "nonfinite", "arch_nonfinite")}
+    batches = [[t.cuda() for t in (*b, *s.next_arch_batch())] for b, _ in zip(s.loader_w, range(3))]
+    t = Trainer(train_resolve(None, dict(genotype="DARTS_V2", epochs=1, layers=2, channels=4, batch_size=16,
+                                         train_images=64, device="cuda")), None, echo=lambda *a: None)
+    t.model.train()
+    tb = [[u.cuda() for u in b] for b, _ in zip(t.train_loader, range(3))]
+    tsums = {"loss_sum": torch.zeros((), device="cuda"), "seen": torch.zeros((), dtype=torch.long, device="cuda"),
+             "correct": torch.zeros(2, dtype=torch.long, device="cuda"),
+             "nonfinite": torch.zeros((), dtype=torch.long, device="cuda")}
+    for i, (x, y, xa, ya) in enumerate(batches):
+        x2, y2 = tb[i]
+        if i == 1:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss, right = s.step(False, x, y, xa, ya)
+            add_step(s.sums, s.ok, loss * len(y), right, len(y))
+            ok, tloss, correct = t.step(x2, y2, i)
+            add_step(tsums, ok, tloss * len(y2), correct, len(y2))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert int(s.sums["seen"]) == 3 * 16 and int(s.guard.streak) == 0

@@ -8,9 +8,12 @@
   signal ends the process at once with the same status (the last checkpoint stays valid: files
   are replaced atomically). Under torchrun the ranks agree on the flag each step, so they all
   stop after the same step.
-- Non-finite values: ``admit(finite)`` counts skipped weight steps and raises
-  ``NonFiniteError`` (exit status 3) after ``limit`` in a row, before any checkpoint of the
-  bad stretch is written.
+- Non-finite values: the loops skip a weight step with a non-finite loss or gradient on the
+  device (``skip_if_not``: fused SGD's ``found_inf``), and ``record(ok)`` counts the streak
+  there too, so a step needs no host read. ``after_step`` reads the streak one step behind
+  (so on a GPU the host never waits for the step it just launched; the same on the CPU) and
+  raises ``NonFiniteError`` (exit status 3) once ``limit`` steps in a row were skipped, i.e. one
+  step after the limit is reached, before any checkpoint of the bad stretch is written.
 """
 from __future__ import annotations
 
@@ -78,7 +81,15 @@ class Guard:
             raise ValueError(f"--max-nonfinite must be >= 1, got {limit}")
         self.every, self.limit, self.device = every, limit, device
         self.signum: Optional[int] = None  # the first stop signal received
-        self.streak = 0  # non-finite weight steps in a row
+        # Skipped (non-finite) weight steps in a row, counted on the device by record(), which
+        # also copies it to one of two host slots (pinned, asynchronous on CUDA): the host reads
+        # the slot of the step before, so it never waits for the step it just launched.
+        self.streak = torch.zeros((), dtype=torch.long, device=device)
+        cuda = device.type == "cuda"
+        self._host = torch.zeros(2, dtype=torch.long)
+        self._host = self._host.pin_memory() if cuda else self._host
+        self._events = [torch.cuda.Event(), torch.cuda.Event()] if cuda else None
+        self._slot, self._filled = 0, [False, False]
         self._old = {}
 
     # -- signals --------------------------------------------------------------------------
@@ -119,13 +130,15 @@ class Guard:
         when due or signalled, then stop if signalled. After an epoch's last step nothing
         happens here: the epoch's end checkpoints, then ``after_epoch`` stops."""
         if position >= steps:
+            self._check_streak(self._streak_now())  # an epoch's end reads the host anyway
             return
+        self._check_streak(self._streak_lagged())
         signum = self.stop_signal()
         if signum is not None:
             save()
             raise Preempted(signum, f"in epoch {epoch + 1} after step {position}/{steps}")
         # No save inside a non-finite streak: the last good checkpoint stays the latest.
-        if self.due(epoch * steps + position) and self.streak == 0:
+        if self.due(epoch * steps + position) and self._streak_now() == 0:
             save()
 
     def after_epoch(self, epochs_done: int) -> None:
@@ -134,14 +147,65 @@ class Guard:
             raise Preempted(signum, f"after epoch {epochs_done}")
 
     # -- non-finite steps -----------------------------------------------------------------
-    def admit(self, finite: bool) -> bool:
-        """True when the step may be applied; counts a streak of skipped ones and raises
-        NonFiniteError when it reaches the limit."""
-        if finite:
-            self.streak = 0
-            return True
-        self.streak += 1
-        if self.streak >= self.limit:
-            raise NonFiniteError(f"{self.streak} weight steps in a row had a non-finite loss or gradient; "
+    def record(self, ok: torch.Tensor) -> None:
+        """Count a weight step's verdict (0-d bool tensor: applied or skipped) on the device."""
+        self.streak.add_(1).mul_(ok.logical_not())
+        slot = self._slot
+        self._host[slot].copy_(self.streak, non_blocking=self._events is not None)
+        if self._events is not None:
+            self._events[slot].record()
+        self._filled[slot], self._slot = True, 1 - slot
+
+    def _streak_now(self) -> int:
+        """The streak after the latest step (a host read: on CUDA it waits for that step)."""
+        return int(self.streak)
+
+    def _streak_lagged(self) -> int:
+        """The streak as of the step before the latest one (0 before two steps were taken)."""
+        prev = self._slot  # record() flipped _slot: the slot it did not just write
+        if not self._filled[prev]:
+            return 0
+        if self._events is not None:
+            self._events[prev].synchronize()
+        return int(self._host.numpy()[prev])  # host memory: no device read
+
+    def _check_streak(self, streak: int) -> None:
+        if streak >= self.limit:
+            raise NonFiniteError(f"{streak} weight steps in a row had a non-finite loss or gradient; "
                                  "stopping (the last checkpoint is intact; try a lower --lr)")
-        return False
+
+
+def step_ok(norm: torch.Tensor, loss: torch.Tensor, world: int) -> torch.Tensor:
+    """Whether a weight step may be applied, as a 0-d bool tensor on the device (no host read):
+    its (rank-averaged) gradient norm is finite, and in one process its loss too (across ranks
+    a non-finite loss shows in the averaged gradient; the loss alone would let ranks disagree)."""
+    ok = torch.isfinite(norm)
+    if world == 1:
+        ok = ok & torch.isfinite(loss.detach())
+    return ok
+
+
+def weight_optimizer(params, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD that ``skip_if_not`` can skip on the device: the fused kernel reads ``found_inf``
+    there. Momentum buffers start at zero (the first step's buf = 0.9 * 0 + g is g exactly):
+    fused SGD creates them uninitialized, so a skipped first step would leave garbage in them."""
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
+    if momentum:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return opt
+
+
+def skip_if_not(ok: torch.Tensor, opt: torch.optim.Optimizer, prec) -> None:
+    """Step ``opt`` (a ``weight_optimizer``) through ``prec``, leaving parameters and momentum
+    untouched when ``ok`` is False; decided on the device. Under fp16 the GradScaler already
+    hands the fused step its own found_inf (non-finite gradients), which is what fails ``ok``."""
+    if prec.scaler:
+        prec.step(opt)
+        return
+    opt.found_inf = ok.logical_not().float()
+    try:
+        opt.step()
+    finally:
+        del opt.found_inf

@@ -107,8 +107,9 @@ class Search:
         graphs = cfg.cuda_graphs
         if graphs and self.world > 1:
             raise ValueError("--cuda-graphs runs in a single process")
-        self.w_opt = torch.optim.SGD(self.model.parameters(), lr=self._lr(cfg.lr), momentum=cfg.momentum,
-                                     weight_decay=cfg.weight_decay, **({"fused": True} if graphs else {}))
+        # Fused SGD either way: it reads the lr (under graphs) and the skip flag on the device.
+        self.w_opt = faults.weight_optimizer(self.model.parameters(), self._lr(cfg.lr), cfg.momentum,
+                                             cfg.weight_decay)
         self.graphed: Dict[tuple, GraphedStep] = {}  # step kind -> its captured step (one at a time)
         self._arch_opt_for_graphs()
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.w_opt, lr_factor(cfg))
@@ -120,7 +121,7 @@ class Search:
         # The current epoch's running sums (None between epochs); part of a mid-epoch checkpoint.
         self.saved_sums = None  # every rank's sums, for a mid-epoch checkpoint
         self.sums: Optional[Dict[str, Any]] = None
-        self.skipped = False  # whether the last weight step was skipped as non-finite
+        self.ok: Optional[torch.Tensor] = None  # the last weight step's verdict (device; None: unchecked)
 
     # -- state ------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -208,12 +209,20 @@ class Search:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.arch_grad_clip)
         self.arch_update(params)
 
-    def arch_update(self, params) -> None:
+    def arch_update(self, params, ok: Optional[torch.Tensor] = None) -> None:
         """The architecture optimizer's step. EG leaves rows with a non-finite gradient unchanged
         and reports how many; other optimizers (Adam) skip a non-finite step whole. Either way
-        the count goes to the epoch's log record (not under --cuda-graphs: no host reads there)."""
+        the count goes to the epoch's log record (not under --cuda-graphs: no host reads there).
+        ``ok`` False (a skipped weight step on the same batch) skips it too: EG gets a NaN
+        gradient, which it leaves alone on the device and counts."""
         opt = self.method.optimizer
         counting = self.sums is not None and not self.cfg.cuda_graphs
+        if ok is not None and hasattr(opt, "nonfinite_rows"):
+            for p in params:
+                if p.grad is not None:
+                    p.grad = torch.where(ok, p.grad, float("nan"))
+        elif ok is not None and not bool(ok):
+            return
         if counting and not hasattr(opt, "nonfinite_rows"):
             if not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
                 self.sums["arch_nonfinite"] += 1
@@ -241,17 +250,21 @@ class Search:
         dist.average_grads(params + arch_params)
         self.prec.unscale(self.w_opt)
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-        # A non-finite loss or gradient skips the step (the gradients were averaged, so every
-        # rank sees a non-finite one and skips alike); a long streak stops the run.
-        self.skipped = not self.cfg.cuda_graphs and not self.guard.admit(finite(norm, loss, self.world))
-        if self.skipped:
-            if self.prec.scaler:  # fp16: let the scaler lower its scale as if it had skipped
-                self.prec.scaler.update()
-            return loss.detach().float(), (logits.argmax(1) == y).sum()
-        self.prec.step(self.w_opt)
+        right = (logits.argmax(1) == y).sum()
+        if self.cfg.cuda_graphs:  # unchecked: the captured step stays as it was
+            self.prec.step(self.w_opt)
+            if arch_too:
+                self.arch_update(arch_params)
+            return loss.detach().float(), right
+        # A non-finite loss or gradient skips the step, decided on the device (the gradients
+        # were averaged, so every rank sees a non-finite one and skips alike); the guard counts
+        # the streak there and stops a long one between steps.
+        self.ok = faults.step_ok(norm, loss, self.world)
+        self.guard.record(self.ok)
+        faults.skip_if_not(self.ok, self.w_opt, self.prec)
         if arch_too:
-            self.arch_update(arch_params)
-        return loss.detach().float(), (logits.argmax(1) == y).sum()
+            self.arch_update(arch_params, self.ok)
+        return loss.detach().float(), right
 
     def step(self, same: bool, x, y, xa=None, ya=None):
         """One search step: the architecture step on (xa, ya) if given, then the weight step
@@ -280,12 +293,14 @@ class Search:
         self.method.train()
         self.method.set_epoch(self.epoch, self.cfg.epochs)
         if self.sums is None:  # a fresh epoch (else: resumed inside it from a checkpoint)
-            self.sums = {"loss_sum": torch.zeros((), device=self.device), "seen": 0, "seconds": 0.0,
-                         "correct": torch.zeros((), device=self.device, dtype=torch.long),
-                         "nonfinite": 0, "arch_nonfinite": torch.zeros((), device=self.device, dtype=torch.long)}
+            count = dict(device=self.device, dtype=torch.long)
+            self.sums = {"loss_sum": torch.zeros((), device=self.device), "seen": torch.zeros((), **count),
+                         "seconds": 0.0, "correct": torch.zeros((), **count), "nonfinite": torch.zeros((), **count),
+                         "arch_nonfinite": torch.zeros((), **count)}
         sums, n = self.sums, len(self.loader_w)
         bar = Progress(n, f"epoch {self.epoch + 1}/{self.cfg.epochs}", self.main)
         start = time.perf_counter() - sums["seconds"]
+        images = int(sums["seen"])  # this rank's images this epoch, for the bar's rate (one read)
         arch = self.method.learns and self.epoch >= self.cfg.arch_warmup
         same = arch and self.cfg.arch_batch == "same"
 
@@ -299,16 +314,11 @@ class Search:
         for x, y in self.loader_w:
             batch = (x, y, *self.next_arch_batch()) if arch and not same else (x, y)
             loss, right = self.step(same, *batch)
-            if self.skipped:
-                sums["nonfinite"] += 1
-            else:
-                sums["loss_sum"] += loss * len(y)
-                sums["correct"] += right
-                sums["seen"] += len(y)
-            seen = max(1, sums["seen"])
+            add_step(sums, self.ok, loss * len(y), right, len(y))
+            images += len(y)
             # The loss is read from the device only when the bar redraws (a few times a second).
-            bar.update(1, loss=lambda seen=seen: float(sums["loss_sum"]) / seen,
-                       img_s=self.world * seen / (time.perf_counter() - start))
+            bar.update(1, loss=lambda: running_loss(sums),
+                       img_s=self.world * images / (time.perf_counter() - start))
             self.guard.after_step(self.epoch, self.loader_w.position, n, save)
         bar.close()
         secs = time.perf_counter() - start
@@ -317,7 +327,7 @@ class Search:
             [float(sums["loss_sum"]), float(sums["correct"]), float(sums["seen"])], self.device)
         total_seen = max(1.0, total_seen)
         return {"train_loss": total_loss / total_seen, "train_acc": 100.0 * total_correct / total_seen,
-                "seconds": secs, "images_per_s": total_seen / secs, "nonfinite_steps": sums["nonfinite"],
+                "seconds": secs, "images_per_s": total_seen / secs, "nonfinite_steps": int(sums["nonfinite"]),
                 "arch_nonfinite": int(sums["arch_nonfinite"])}
 
     def save_checkpoint(self) -> None:
@@ -425,14 +435,23 @@ def nb101_scores(table: NB101Table, module_hash: str, best_test_error: float) ->
             "test_regret": 100.0 * ((1.0 - found["test_acc"]) - best_test_error), "repeats": found["repeats"]}
 
 
-def finite(norm: torch.Tensor, loss: torch.Tensor, world: int) -> bool:
-    """Whether a weight step may be applied: its (rank-averaged) gradient norm is finite, and
-    in one process its loss too (across ranks a non-finite loss shows in the averaged
-    gradient; the loss alone would let ranks disagree)."""
-    ok = torch.isfinite(norm)
-    if world == 1:
-        ok = ok & torch.isfinite(loss.detach())
-    return bool(ok)
+def running_loss(sums: Dict[str, Any]) -> float:
+    """The epoch's mean loss so far: one host read."""
+    return float(sums["loss_sum"] / torch.as_tensor(sums["seen"]).clamp(min=1))
+
+
+def add_step(sums: Dict[str, Any], ok: Optional[torch.Tensor], loss_sum, correct, n: int) -> None:
+    """Add a weight step to the epoch's running sums on the device: a skipped step (``ok``
+    False) adds only to the count of non-finite steps."""
+    if ok is None:
+        sums["loss_sum"] += loss_sum
+        sums["correct"] += correct
+        sums["seen"] += n
+        return
+    sums["loss_sum"] += torch.where(ok, loss_sum, 0.0)
+    sums["correct"] += torch.where(ok, correct, 0)
+    sums["seen"] += ok * n
+    sums["nonfinite"] += ok.logical_not()
 
 
 def genotype_str(g) -> str:

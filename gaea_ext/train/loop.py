@@ -25,7 +25,7 @@ from gaea_ext import data as gdata
 from gaea_ext.data.seeding import generator
 from gaea_ext.precision import Precision
 from gaea_ext.search import dist, faults, rundir
-from gaea_ext.search.loop import finite, peak_mem_mb, pick_device, rng_state, set_rng_state
+from gaea_ext.search.loop import add_step, peak_mem_mb, running_loss, pick_device, rng_state, set_rng_state
 from gaea_ext.search.progress import Progress
 from gaea_ext.spaces import genotypes
 from gaea_ext.train.config import TrainConfig, TrainError, check, drop_path_at, lr_at
@@ -118,7 +118,7 @@ class Trainer:
             self.device, memory_format=self.memory_format)
         dist.broadcast_state(self.model)
         self.params = list(self.model.parameters())
-        self.opt = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.opt = faults.weight_optimizer(self.params, cfg.lr, cfg.momentum, cfg.weight_decay)
         self.epoch = 0
         self.best = {"test_top1": -1.0, "test_top5": -1.0, "epoch": 0}
         self.last: Dict[str, float] = {}  # the latest epoch's test accuracy
@@ -166,13 +166,11 @@ class Trainer:
         else:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in self.params
                                                          if p.grad is not None]))
-        # A non-finite loss or gradient skips the step (see gaea_ext.search.loop.finite).
-        if not self.guard.admit(finite(norm, loss, self.world)):
-            if self.prec.scaler:
-                self.prec.scaler.update()
-            return None
-        self.prec.step(self.opt)
-        return loss.detach(), topk_correct(logits.detach(), y)
+        # A non-finite loss or gradient skips the step on the device (see faults.skip_if_not).
+        ok = faults.step_ok(norm, loss, self.world)
+        self.guard.record(ok)
+        faults.skip_if_not(ok, self.opt, self.prec)
+        return ok, loss.detach(), topk_correct(logits.detach(), y)
 
     def train_epoch(self) -> Dict[str, float]:
         self.model.train()
@@ -180,8 +178,9 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.cfg, self.epoch)
         if self.sums is None:  # a fresh epoch (else: resumed inside it from a checkpoint)
-            self.sums = {"loss_sum": torch.zeros((), device=self.device), "seen": 0, "seconds": 0.0,
-                         "correct": torch.zeros(2, device=self.device, dtype=torch.long), "nonfinite": 0}
+            count = dict(device=self.device, dtype=torch.long)
+            self.sums = {"loss_sum": torch.zeros((), device=self.device), "seen": torch.zeros((), **count),
+                         "seconds": 0.0, "correct": torch.zeros(2, **count), "nonfinite": torch.zeros((), **count)}
         sums, steps = self.sums, len(self.train_loader)
         bar = Progress(steps, f"epoch {self.epoch + 1}/{self.cfg.epochs}", self.main)
         start = time.perf_counter() - sums["seconds"]
@@ -196,15 +195,10 @@ class Trainer:
 
         for x, y in self.train_loader:
             # The batch's index in its epoch (seeds its cutout), also when resumed mid-epoch.
-            out = self.step(x, y, self.train_loader.position - 1)
-            if out is None:
-                sums["nonfinite"] += 1
-            else:
-                sums["loss_sum"] += out[0] * len(y)
-                sums["correct"] += out[1]
-                sums["seen"] += len(y)
-            seen = max(1, sums["seen"])
-            bar.update(1, loss=lambda seen=seen: float(sums["loss_sum"]) / seen)  # read only when the bar redraws
+            ok, loss, correct = self.step(x, y, self.train_loader.position - 1)
+            add_step(sums, ok, loss * len(y), correct, len(y))
+            # read only when the bar redraws
+            bar.update(1, loss=lambda: running_loss(sums))
             self.guard.after_step(self.epoch, self.train_loader.position, steps, save)
         bar.close()
         secs = time.perf_counter() - start
@@ -213,7 +207,7 @@ class Trainer:
                                                      float(sums["seen"])], self.device)
         n = max(1.0, n)
         return {"train_loss": loss_t / n, "train_top1": 100 * top1 / n, "train_top5": 100 * top5 / n,
-                "seconds": secs, "images_per_s": n / secs, "nonfinite_steps": sums["nonfinite"]}
+                "seconds": secs, "images_per_s": n / secs, "nonfinite_steps": int(sums["nonfinite"])}
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
