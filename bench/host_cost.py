@@ -3,7 +3,7 @@
 On a GPU at the papers' sizes a search step is bound by the host: each op costs a dispatch and
 a kernel launch of a few microseconds, about what the device needs to move a 1-4 MB tensor.
 This measures, for the NB201 and DARTS spaces, on the real search step (bench/search_speed.py's
-`search_path`: Search.arch_step then Search.weight_step):
+`search_path`: Search.step, i.e. arch_step then weight_step):
 
 1. Ops dispatched to a backend per step, counted with a TorchDispatchMode around one steady-state
    step (after one warm-up step, so SGD's momentum buffers exist). The count does not depend on

@@ -142,7 +142,7 @@ def per_case(text: Optional[str], flag: str) -> Dict[str, int]:
 # -- steps: the real ones, on a stand-in object ---------------------------------------------
 
 def search_path(case: Case, fused: bool, args, device: torch.device):
-    """(network, step(x, y, xa, ya)) running Search.arch_step then Search.weight_step, with the
+    """(network, step(x, y, xa, ya)) running Search.step (arch_step, then weight_step), with the
     weight optimizer `gaea search` builds (fused SGD, which skips non-finite steps on the device)."""
     torch.manual_seed(0)
     cfg = SearchConfig(space=case.space, method=case.method, batch_size=case.batch, channels=case.channels,
@@ -165,14 +165,16 @@ def search_path(case: Case, fused: bool, args, device: torch.device):
     # counting).
     s.world, s.sums, s.ok = 1, None, None
     s.guard = faults.Guard(cfg.checkpoint_every, cfg.max_nonfinite, device)
+    s.buffers = faults.Buffers(model)
     s.arch_update = lambda params, ok=None: Search.arch_update(s, params, ok)
+    s.arch_step = lambda xa, ya: Search.arch_step(s, xa, ya)
+    s.weight_step = lambda x, y, arch_too=False: Search.weight_step(s, x, y, arch_too)
     model.train()
     method.train()
     method.set_epoch(0, cfg.epochs)
 
     def step(x, y, xa, ya):
-        Search.arch_step(s, xa, ya)
-        Search.weight_step(s, x, y)
+        Search.step(s, False, x, y, xa, ya)
 
     return model, step
 
@@ -201,6 +203,7 @@ def train_path(case: Case, args, device: torch.device):
                         opt=faults.weight_optimizer(params, cfg.lr, cfg.momentum, cfg.weight_decay))
     t.autocast = prec.autocast
     t.guard = faults.Guard(cfg.checkpoint_every, cfg.max_nonfinite, device)
+    t.buffers = faults.Buffers(model)
 
     def step(x, y, i):
         Trainer.step(t, x, y, i)

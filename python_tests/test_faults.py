@@ -145,14 +145,29 @@ def test_search_killed_mid_epoch_resumes_exactly(tmp_path, search_ref, action, k
     assert_same_run(search_ref, part)
 
 
+def test_gaea_gdas_search_killed_mid_epoch_resumes_exactly(tmp_path):
+    """GAEA-GDAS draws its Gumbel noise from the global RNG: exact only if the checkpoint's RNG
+    states are restored (GAEA's search above draws none after it starts)."""
+    args = [*SEARCH, "--method", "gaea-gdas", "--epochs", "1"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    assert main([*args, "--out", full]) == 0
+    res = drive(tmp_path, [*args, "--out", part], "kill", 10)  # 2 steps after the save at step 8
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    assert rundir.load_checkpoint(os.path.join(part, "checkpoint.pt"))["loader_w"]["position"] == 8
+    assert main(["search", "--resume", part]) == 0
+    assert_same_run(full, part)
+
+
 def test_train_sigterm_checkpoints_and_resumes_exactly(tmp_path, train_ref):
     part = str(tmp_path / "part")
-    res = drive(tmp_path, [*TRAIN, "--out", part], "term", 5)  # epoch 1, step 5 of 8
+    # epoch 2, step 5 of 8: drop path (0 in epoch 1) draws from the global RNG there, so the
+    # resume is exact only if the checkpoint's RNG states are restored
+    res = drive(tmp_path, [*TRAIN, "--out", part], "term", 13)
     assert res.returncode == 143, res.stderr[-2000:]
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "SIGTERM" in lines[0] and f"gaea train --resume {part}" in lines[0]
     state = rundir.load_checkpoint(os.path.join(part, "checkpoint.pt"))
-    assert state["train_loader"]["position"] == 5 and state["epoch"] == 0
+    assert state["train_loader"]["position"] == 5 and state["epoch"] == 1
     assert main(["train", "--resume", part]) == 0
     assert strip(run_log(train_ref)) == strip(run_log(part))
     a, b = model_of(train_ref), model_of(part)
@@ -263,11 +278,22 @@ def test_absurd_lr_skips_counts_and_stops_with_status_3(tmp_path):
     rec = run_log(out2)[0]
     assert 0 < rec["nonfinite_steps"] < 22 and rec["arch_nonfinite"] > 0
     assert all(torch.isfinite(torch.tensor(run_result(out2)["arch_weights"])).flatten())
+    # skipped means not applied: weights, momentum and BN statistics never take a NaN step
+    assert all(bool(torch.isfinite(v).all()) for v in model_of(out2).values() if v.is_floating_point())
+    momentum = rundir.load_checkpoint(os.path.join(out2, "checkpoint.pt"))["w_opt"]["state"]
+    assert momentum and all(bool(torch.isfinite(st["momentum_buffer"]).all()) for st in momentum.values())
 
 
 def test_train_absurd_lr_stops_with_status_3(tmp_path):
     res = cli([*TRAIN, "--lr", "1e30", "--max-nonfinite", "3", "--out", str(tmp_path / "t")])
     assert res.returncode == 3 and "non-finite" in res.stderr, res.stderr[-2000:]
+    # a patient run skips and counts; skipped steps change no weight, momentum or BN statistic
+    out = str(tmp_path / "patient")
+    assert main([*TRAIN, "--epochs", "1", "--lr", "1e30", "--max-nonfinite", "1000", "--out", out]) == 0
+    assert 0 < run_log(out)[0]["nonfinite_steps"] < 8
+    state = rundir.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert all(bool(torch.isfinite(v).all()) for v in state["model"].values() if v.is_floating_point())
+    assert all(bool(torch.isfinite(st["momentum_buffer"]).all()) for st in state["optimizer"]["state"].values())
 
 
 # --- disk errors --------------------------------------------------------------------------------

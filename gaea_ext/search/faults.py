@@ -175,6 +175,37 @@ class Guard:
                                  "stopping (the last checkpoint is intact; try a lower --lr)")
 
 
+class Buffers:
+    """Undo a skipped step's writes to a network's floating-point buffers (BatchNorm running
+    statistics): a NaN batch would otherwise leave NaN running statistics for good (training,
+    in batch-statistics mode, would not notice; evaluation would). ``take()`` before the step
+    copies them into one flat tensor per device and dtype (one op), ``keep_if(ok)`` after it
+    writes back either the step's values or the saved ones (cat, where, split, foreach copy),
+    decided on the device. The buffers stay separate tensors (views of one flat tensor
+    would share one autograd version counter, which BN's saved statistics trip over). The
+    list is taken once: build this after the network's last ``.to()``."""
+
+    def __init__(self, module: torch.nn.Module):
+        groups: Dict[tuple, List[torch.Tensor]] = {}
+        for b in module.buffers():
+            if b.is_floating_point():
+                groups.setdefault((b.device, b.dtype), []).append(b)
+        # 1-d views made once (a view per buffer per step would cost a dispatch each)
+        self.views = [[b.detach().view(-1) for b in g] for g in groups.values()]
+        self.sizes = [[v.numel() for v in g] for g in self.views]
+        self.saved: List[torch.Tensor] = []
+
+    def take(self) -> None:
+        self.saved = [torch.cat(g) for g in self.views]
+
+    def keep_if(self, ok: torch.Tensor) -> None:
+        """Keep the step's buffer values when ``ok``, else put back what ``take()`` saw."""
+        with torch.no_grad():
+            for views, sizes, saved in zip(self.views, self.sizes, self.saved):
+                torch._foreach_copy_(views, torch.where(ok, torch.cat(views), saved).split(sizes))
+        self.saved = []
+
+
 def step_ok(norm: torch.Tensor, loss: torch.Tensor, world: int) -> torch.Tensor:
     """Whether a weight step may be applied, as a 0-d bool tensor on the device (no host read):
     its (rank-averaged) gradient norm is finite, and in one process its loss too (across ranks

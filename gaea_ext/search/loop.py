@@ -99,6 +99,8 @@ class Search:
             self.model = self.model.to(memory_format=torch.channels_last)
         dist.broadcast_state(self.model)
         dist.broadcast_state(self.method)
+        # BN statistics in one flat tensor, restored after a skipped step (not under graphs)
+        self.buffers = None if cfg.cuda_graphs else faults.Buffers(self.model)
         # The supernet's forward through torch.compile (the module itself stays uncompiled, so
         # checkpoints and the --no-fused A/B are unchanged).
         self.forward = torch.compile(self.model, backend=cfg.compile) if cfg.compile else self.model
@@ -196,6 +198,7 @@ class Search:
         params = self.method.params()
         with self.prec.autocast():
             loss = F.cross_entropy(self.forward(self.prec.layout(x), self.weights()), y)
+        self.arch_loss = loss.detach()
         reg = self.method.regularizer()
         if reg is not None:
             loss = loss + reg
@@ -271,9 +274,13 @@ class Search:
         (which also steps the architecture when `same`); replayed from a CUDA graph with
         --cuda-graphs."""
         if not self.cfg.cuda_graphs:
+            self.buffers.take()
             if xa is not None:
                 self.arch_step(xa, ya)
-            return self.weight_step(x, y, arch_too=same)
+            out = self.weight_step(x, y, arch_too=same)
+            # A skipped step leaves the BN statistics as they were, whichever forward broke them.
+            self.buffers.keep_if(self.ok if xa is None else self.ok & torch.isfinite(self.arch_loss))
+            return out
         key = (xa is not None, same)
         if key not in self.graphed:
             # A new step kind (after --arch-warmup): the old graph never runs again, so free its

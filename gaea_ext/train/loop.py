@@ -117,6 +117,7 @@ class Trainer:
         self.model = build_network(cfg, self.genotype, self.num_classes, in_ch).to(
             self.device, memory_format=self.memory_format)
         dist.broadcast_state(self.model)
+        self.buffers = faults.Buffers(self.model)  # BN statistics, restored after a skipped step
         self.params = list(self.model.parameters())
         self.opt = faults.weight_optimizer(self.params, cfg.lr, cfg.momentum, cfg.weight_decay)
         self.epoch = 0
@@ -150,6 +151,7 @@ class Trainer:
             x = cutout(x, cfg.cutout, generator("cutout", cfg.seed, self.epoch, self.rank, batch))
         x = self.prec.layout(x)
         self.opt.zero_grad(set_to_none=True)
+        self.buffers.take()
         with self.prec.autocast():
             logits, logits_aux = self.model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
@@ -170,6 +172,7 @@ class Trainer:
         ok = faults.step_ok(norm, loss, self.world)
         self.guard.record(ok)
         faults.skip_if_not(ok, self.opt, self.prec)
+        self.buffers.keep_if(ok)
         return ok, loss.detach(), topk_correct(logits.detach(), y)
 
     def train_epoch(self) -> Dict[str, float]:
