@@ -196,16 +196,44 @@ DDP = ["search", "--epochs", "2", "--channels", "4", "--cells", "1", "--batch-si
        "--train-images", "256", "--device", "cpu", "--checkpoint-every", "2"]  # 4 steps per epoch per rank
 
 
-def test_torchrun_restart_after_a_killed_worker_resumes(tmp_path):
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1"]
-    full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    res = drive(tmp_path, [*DDP, "--out", full], "none", 0, launcher=launch)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+@pytest.fixture(scope="module")
+def ddp_full(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    full = str(tmp / "full")
+    res = drive(tmp, [*DDP, "--out", full], "none", 0, launcher=TORCHRUN)
     assert res.returncode == 0, res.stderr[-3000:]
+    return full
+
+
+def test_torchrun_restart_after_a_killed_worker_resumes(tmp_path, ddp_full):
+    launch = [*TORCHRUN, "--max-restarts=1"]
+    full, part = ddp_full, str(tmp_path / "part")
     res = drive(tmp_path, [*DDP, "--out", part], "kill", 3, only="1", launcher=launch)  # rank 1, epoch 1, step 3
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming" in res.stdout and "step 2/4" in res.stdout, res.stdout
     assert strip(run_log(full)) == strip(run_log(part))
     assert run_result(full)["arch_weights"] == run_result(part)["arch_weights"]
+
+
+def test_torchrun_sigterm_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, ddp_full):
+    """SIGTERM reaches rank 1 only, after epoch 2's first step; its flag goes out with the next
+    step and both ranks stop after step 2/4, checkpointed; a torchrun --resume ends as the
+    uninterrupted run."""
+    part = str(tmp_path / "part")
+    res = drive(tmp_path, [*DDP, "--out", part], "term", 5, only="1", launcher=TORCHRUN)
+    assert res.returncode != 0, res.stderr[-3000:]
+    assert "exitcode  : 143" in res.stderr and "stopped by SIGTERM in epoch 2 after step 2/4" in res.stderr, res.stderr[-3000:]
+    state = rundir.load_checkpoint(os.path.join(part, "checkpoint.pt"))
+    assert (state["epoch"], state["loader_w"]["position"]) == (1, 2)
+    assert [s["seen"] for s in state["sums"]] == [2 * 32, 2 * 32]  # both ranks stopped after step 2
+    res = drive(tmp_path, ["search", "--resume", part], "none", 0, launcher=TORCHRUN)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming" in res.stdout and "step 2/4" in res.stdout, res.stdout
+    assert strip(run_log(ddp_full)) == strip(run_log(part))
+    assert run_result(ddp_full)["arch_weights"] == run_result(part)["arch_weights"]
 
 
 # --- untrusted checkpoints -----------------------------------------------------------------------
@@ -282,6 +310,30 @@ def test_absurd_lr_skips_counts_and_stops_with_status_3(tmp_path):
     assert all(bool(torch.isfinite(v).all()) for v in model_of(out2).values() if v.is_floating_point())
     momentum = rundir.load_checkpoint(os.path.join(out2, "checkpoint.pt"))["w_opt"]["state"]
     assert momentum and all(bool(torch.isfinite(st["momentum_buffer"]).all()) for st in momentum.values())
+
+
+def test_weight_optimizer_skips_on_the_device_even_its_first_step():
+    """A skipped step leaves weights and momentum untouched, also as the very first step (fused
+    SGD would leave its new momentum buffers uninitialised); applied steps match torch's SGD."""
+    from gaea_ext.precision import Precision
+    from gaea_ext.search import faults
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64))
+    q = torch.nn.Parameter(p.detach().clone())
+    opt = faults.weight_optimizer([p], 0.1, 0.9, 1e-2)
+    ref = torch.optim.SGD([q], lr=0.1, momentum=0.9, weight_decay=1e-2)
+    prec = Precision(None, torch.device("cpu"))
+    p.grad = torch.full((64,), float("nan"))
+    faults.skip_if_not(torch.tensor(False), opt, prec)
+    assert torch.equal(p, q) and not hasattr(opt, "found_inf")
+    for _ in range(3):
+        g = torch.randn(64)
+        p.grad, q.grad = g.clone(), g.clone()
+        faults.skip_if_not(torch.tensor(True), opt, prec)
+        ref.step()
+    torch.testing.assert_close(p.detach(), q.detach())
+    torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"])
 
 
 def test_train_absurd_lr_stops_with_status_3(tmp_path):

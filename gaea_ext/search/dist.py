@@ -8,11 +8,16 @@ the same deterministic update, so architecture weights stay identical across ran
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from typing import Iterable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+
+# The group the stop flags travel on (faults.Guard): CPU tensors over gloo, so agreeing on a
+# signal never waits for a GPU. None: the default group, when that is gloo already.
+_control: Optional[dist.ProcessGroup] = None
 
 
 def init(device: torch.device) -> tuple[int, int]:
@@ -39,6 +44,8 @@ def init(device: torch.device) -> tuple[int, int]:
             store, rank, size = next(dist.rendezvous("env://"))
             dist.init_process_group(backend, store=dist.PrefixStore(f"gaea/attempt{restart}", store),
                                     rank=rank, world_size=size)
+        global _control
+        _control = dist.new_group(backend="gloo") if backend != "gloo" else None
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -75,12 +82,10 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def all_reduce_max(values: list[float], device) -> list[float]:
-    if not active():
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+def max_async(value: int) -> Tuple[dist.Work, torch.Tensor]:
+    """Start an all-reduce (max) of one integer over the ranks, on the CPU; (work, tensor)."""
+    t = torch.tensor([value], dtype=torch.int64)
+    return dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control, async_op=True), t
 
 
 def all_gather_values(values: list[float], device) -> list[list[float]]:
@@ -99,3 +104,5 @@ def shutdown() -> None:
         # a peer is still in a collective can abort the peer (gloo: std::terminate).
         dist.barrier()
         dist.destroy_process_group()
+    global _control
+    _control = None

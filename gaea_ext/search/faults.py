@@ -6,8 +6,9 @@
 - Preemption: SIGTERM/SIGINT only set a flag; the loop finishes its step, checkpoints and
   raises ``Preempted`` (exit status 128 + signal: 143 for SIGTERM, 130 for SIGINT). A second
   signal ends the process at once with the same status (the last checkpoint stays valid: files
-  are replaced atomically). Under torchrun the ranks agree on the flag each step, so they all
-  stop after the same step.
+  are replaced atomically). Under torchrun each step sends its flag without waiting (a CPU
+  all-reduce) and the ranks act on the previous step's agreed flags, so they all stop after
+  the same step, one step after the signal; at an epoch's end they agree at once.
 - Non-finite values: the loops skip a weight step with a non-finite loss or gradient on the
   device (``skip_if_not``: fused SGD's ``found_inf``), and ``record(ok)`` counts the streak
   there too, so a step needs no host read. ``after_step`` reads the streak one step behind
@@ -81,6 +82,7 @@ class Guard:
             raise ValueError(f"--max-nonfinite must be >= 1, got {limit}")
         self.every, self.limit, self.device = every, limit, device
         self.signum: Optional[int] = None  # the first stop signal received
+        self._pending = None  # under torchrun: (work, flags) of the last step, still on the wire
         # Skipped (non-finite) weight steps in a row, counted on the device by record(), which
         # also copies it to one of two host slots (pinned, asynchronous on CUDA): the host reads
         # the slot of the step before, so it never waits for the step it just launched.
@@ -113,11 +115,33 @@ class Guard:
         self.signum = signum
 
     def stop_signal(self) -> Optional[int]:
-        """The signal to stop on after this step, agreed by all ranks (max over ranks)."""
+        """The signal to stop on now, agreed by all ranks (max over ranks; waits for them)."""
         if not dist.active():
             return self.signum
-        got = int(dist.all_reduce_max([self.signum or 0], self.device)[0])
-        if got and self.signum is None:
+        before = self._drain()
+        work, flags = dist.max_async(self.signum or 0)
+        work.wait()
+        return self._agreed(max(before, int(flags[0])))
+
+    def _stop_signal_lagged(self) -> Optional[int]:
+        """Between steps under torchrun: this step's flag goes out without waiting for it, and
+        the answer is the previous step's agreed flags, which every rank reads at this same
+        step (long arrived by then: no rank waits on the device or, in effect, on the others)."""
+        if not dist.active():
+            return self.signum
+        before = self._drain()
+        self._pending = dist.max_async(self.signum or 0)
+        return self._agreed(before)
+
+    def _drain(self) -> int:
+        if self._pending is None:
+            return 0
+        (work, flags), self._pending = self._pending, None
+        work.wait()
+        return int(flags[0])
+
+    def _agreed(self, got: int) -> Optional[int]:
+        if got and self.signum is None:  # a peer's signal: a signal here now ends at once
             self.signum = got
         return got or None
 
@@ -133,8 +157,9 @@ class Guard:
             self._check_streak(self._streak_now())  # an epoch's end reads the host anyway
             return
         self._check_streak(self._streak_lagged())
-        signum = self.stop_signal()
+        signum = self._stop_signal_lagged()
         if signum is not None:
+            self._drain()  # nothing left on the wire
             save()
             raise Preempted(signum, f"in epoch {epoch + 1} after step {position}/{steps}")
         # No save inside a non-finite streak: the last good checkpoint stays the latest.
