@@ -336,6 +336,26 @@ def test_weight_optimizer_skips_on_the_device_even_its_first_step():
     torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"])
 
 
+def test_darts_architecture_step_with_a_non_finite_gradient_is_skipped_and_counted():
+    from gaea_ext.search.config import resolve
+    from gaea_ext.search.loop import Search
+
+    s = Search(resolve(None, dict(method="darts", epochs=1, channels=4, cells=1, batch_size=16, train_images=64)),
+               None, echo=lambda *a: None)
+    s.sums = {"arch_nonfinite": torch.zeros((), dtype=torch.long)}
+    params = s.method.params()
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    params[0].grad[0, 0] = float("inf")
+    s.arch_update(params)
+    assert all(torch.equal(p, b) for p, b in zip(params, before)) and int(s.sums["arch_nonfinite"]) == 1
+    assert all(float(s.method.optimizer.state[p]["step"]) == 0 for p in params)
+    params[0].grad[0, 0] = 1.0
+    s.arch_update(params)
+    assert not any(torch.equal(p, b) for p, b in zip(params, before)) and int(s.sums["arch_nonfinite"]) == 1
+
+
 def test_train_absurd_lr_stops_with_status_3(tmp_path):
     res = cli([*TRAIN, "--lr", "1e30", "--max-nonfinite", "3", "--out", str(tmp_path / "t")])
     assert res.returncode == 3 and "non-finite" in res.stderr, res.stderr[-2000:]

@@ -33,7 +33,7 @@ class Tty(io.StringIO):
         return True
 
 
-def _epoch_reads(monkeypatch, enabled: bool, every: float, images: int = 128):
+def _epoch_reads(monkeypatch, enabled: bool, every: float, images: int = 128, **over):
     bars = []
 
     class Bar(progress.Progress):
@@ -43,7 +43,7 @@ def _epoch_reads(monkeypatch, enabled: bool, every: float, images: int = 128):
 
     monkeypatch.setattr(progress.sys, "stderr", Tty())
     monkeypatch.setattr(loop, "Progress", Bar)
-    cfg = resolve(None, dict(epochs=1, channels=4, cells=1, batch_size=16, seed=3, train_images=images))
+    cfg = resolve(None, dict(epochs=1, channels=4, cells=1, batch_size=16, seed=3, train_images=images, **over))
     s = Search(cfg, None, echo=lambda *a: None)
     with CountReads() as count:
         s.train_epoch()
@@ -70,11 +70,13 @@ def test_progress_evaluates_callable_stats_only_on_redraw(monkeypatch):
     assert "loss 0.5" in progress.sys.stderr.getvalue()
 
 
-def test_search_steps_read_nothing_from_the_device(monkeypatch):
-    """The non-finite check decides and counts on the device (fused SGD's found_inf) and the
-    guard reads its streak from host memory: an epoch's reads do not grow with its steps."""
-    short, _, n_short = _epoch_reads(monkeypatch, enabled=False, every=3600.0, images=128)
-    long, _, n_long = _epoch_reads(monkeypatch, enabled=False, every=3600.0, images=256)
+@pytest.mark.parametrize("method", ["gaea", "darts"])
+def test_search_steps_read_nothing_from_the_device(monkeypatch, method):
+    """The non-finite checks decide and count on the device (fused SGD's and fused Adam's
+    found_inf, EG's row skip) and the guard reads its streak from host memory: an epoch's
+    reads do not grow with its steps."""
+    short, _, n_short = _epoch_reads(monkeypatch, enabled=False, every=3600.0, images=128, method=method)
+    long, _, n_long = _epoch_reads(monkeypatch, enabled=False, every=3600.0, images=256, method=method)
     assert n_long == 2 * n_short and long == short, (short, long)
 
 

@@ -176,6 +176,7 @@ class Search:
         on_cuda = self.device.type == "cuda"
         for group in opt.param_groups:
             group["capturable"] = on_cuda
+            group["fused"] = False  # the captured step keeps capturable Adam, unchecked
             group["lr"] = self._lr(float(group["lr"]))
             for p in group["params"]:
                 state = opt.state.get(p, {})
@@ -217,9 +218,23 @@ class Search:
         and reports how many; other optimizers (Adam) skip a non-finite step whole. Either way
         the count goes to the epoch's log record (not under --cuda-graphs: no host reads there).
         ``ok`` False (a skipped weight step on the same batch) skips it too: EG gets a NaN
-        gradient, which it leaves alone on the device and counts."""
+        gradient, which it leaves alone on the device and counts; fused Adam gets found_inf.
+        Both decide on the device; only an unfused optimizer is checked on the host."""
         opt = self.method.optimizer
         counting = self.sums is not None and not self.cfg.cuda_graphs
+        if (not hasattr(opt, "nonfinite_rows") and not self.cfg.cuda_graphs
+                and all(g.get("fused") for g in opt.param_groups)):
+            bad = torch.stack([torch.isfinite(p.grad).all() for p in params if p.grad is not None]).logical_not().any()
+            if ok is not None:
+                bad = bad | ok.logical_not()
+            opt.found_inf = bad.float()
+            try:
+                opt.step()
+            finally:
+                del opt.found_inf
+            if counting:
+                self.sums["arch_nonfinite"] += bad
+            return
         if ok is not None and hasattr(opt, "nonfinite_rows"):
             for p in params:
                 if p.grad is not None:

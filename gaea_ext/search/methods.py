@@ -86,7 +86,9 @@ class DARTS(ArchMethod):
         super().__init__(spec, lr=lr)
         for p in self.spec:
             self.arch[p.name] = nn.Parameter(1e-3 * torch.randn(p.shape, generator=generator))
-        self.optimizer = torch.optim.Adam(self.params(), lr=lr, betas=(0.5, 0.999), weight_decay=weight_decay)
+        # fused: one kernel, and it can skip a non-finite step on the device (found_inf)
+        self.optimizer = torch.optim.Adam(self.params(), lr=lr, betas=(0.5, 0.999), weight_decay=weight_decay,
+                                          fused=True)
 
     def mixing(self, name):
         return torch.softmax(self.arch[name], dim=-1)
