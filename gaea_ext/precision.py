@@ -1,8 +1,9 @@
 """Mixed precision for the search and training loops: autocast, loss scaling, memory layout.
 
 bf16 needs no loss scaling (same exponent range as fp32). fp16 scales the weight loss with
-torch's GradScaler; the architecture gradient is scaled by the same factor and a step with a
-non-finite architecture gradient is skipped (the scaler adjusts on the next weight step).
+torch's GradScaler; the architecture gradient is scaled by the same factor, and an
+architecture step with a non-finite gradient is skipped on the device (the scaler adjusts on
+the next weight step).
 The fused kernels take half types, so the mixed ops run in the autocast dtype.
 """
 from __future__ import annotations
@@ -52,15 +53,17 @@ class Precision:
         else:
             opt.step()
 
-    def grad(self, loss: torch.Tensor, params: Sequence[torch.Tensor]) -> Optional[List[torch.Tensor]]:
-        """Unscaled gradients of loss (None-safe), or None when fp16 overflowed."""
-        scale = self.scaler.get_scale() if self.scaler else 1.0
-        grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, params, allow_unused=True)
+    def grad(self, loss: torch.Tensor, params: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """Unscaled gradients of loss (None-safe, zeros for unused params). Under fp16 the loss
+        is scaled by the scaler's scale and the gradients divided by it on the device: nothing
+        is read on the host. An overflow leaves non-finite gradients, which the architecture
+        step skips on the device (EG leaves such rows as they are; fused Adam gets found_inf)
+        and counts."""
+        scaled = self.scaler.scale(loss) if self.scaler else loss
+        grads = torch.autograd.grad(scaled, params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-        if scale != 1.0:
-            grads = [g / scale for g in grads]
-            if not all(bool(torch.isfinite(g).all()) for g in grads):
-                return None
+        if self.scaler:
+            grads = torch._foreach_div(grads, self.scaler._get_scale_async())
         return grads
 
     def state_dict(self):

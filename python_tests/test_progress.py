@@ -70,23 +70,24 @@ def test_progress_evaluates_callable_stats_only_on_redraw(monkeypatch):
     assert "loss 0.5" in progress.sys.stderr.getvalue()
 
 
-@pytest.mark.parametrize("method", ["gaea", "darts"])
-def test_search_steps_read_nothing_from_the_device(monkeypatch, method):
+@pytest.mark.parametrize("method,amp", [("gaea", None), ("darts", None), ("gaea", "fp16"), ("darts", "fp16")])
+def test_search_steps_read_nothing_from_the_device(monkeypatch, method, amp):
     """The non-finite checks decide and count on the device (fused SGD's and fused Adam's
     found_inf, EG's row skip) and the guard reads its streak from host memory: an epoch's
     reads do not grow with its steps."""
-    short, _, n_short = _epoch_reads(monkeypatch, enabled=False, every=3600.0, images=128, method=method)
-    long, _, n_long = _epoch_reads(monkeypatch, enabled=False, every=3600.0, images=256, method=method)
+    short, _, n_short = _epoch_reads(monkeypatch, enabled=False, every=3600.0, images=128, method=method, amp=amp)
+    long, _, n_long = _epoch_reads(monkeypatch, enabled=False, every=3600.0, images=256, method=method, amp=amp)
     assert n_long == 2 * n_short and long == short, (short, long)
 
 
-def test_train_steps_read_nothing_from_the_device(monkeypatch):
+@pytest.mark.parametrize("amp", [None, "fp16"])
+def test_train_steps_read_nothing_from_the_device(monkeypatch, amp):
     from gaea_ext.train.config import resolve as train_resolve
     from gaea_ext.train.loop import Trainer
 
     def reads(images):
         cfg = train_resolve(None, dict(genotype="DARTS_V2", epochs=1, layers=2, channels=4, batch_size=16,
-                                       train_images=images, device="cpu"))
+                                       train_images=images, device="cpu", amp=amp))
         t = Trainer(cfg, None, echo=lambda *a: None)
         with CountReads() as count:
             t.train_epoch()

@@ -203,9 +203,7 @@ class Search:
         reg = self.method.regularizer()
         if reg is not None:
             loss = loss + reg
-        grads = self.prec.grad(loss, params)
-        if grads is None:  # fp16 overflow: skip this architecture step
-            return
+        grads = self.prec.grad(loss, params)  # (fp16 overflow: non-finite, skipped in arch_update)
         for p, g in zip(params, grads):
             p.grad = g
         dist.average_grads(params)
