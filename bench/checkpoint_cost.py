@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from gaea_ext.search import faults, rundir  # noqa: E402
 from gaea_ext.search.config import SearchConfig, resolve  # noqa: E402
-from gaea_ext.search.loop import Search  # noqa: E402
+from gaea_ext.search.loop import Search, epoch_sums  # noqa: E402
 
 
 def main() -> None:
@@ -44,10 +44,7 @@ def main() -> None:
     s = Search(cfg, out, echo=lambda *a: None)
     s.model.train()
     s.method.train()
-    count = dict(device=s.device, dtype=torch.long)  # the epoch's running sums, as Search.train_epoch starts them
-    s.sums = {"loss_sum": torch.zeros((), device=s.device), "seen": torch.zeros((), **count), "seconds": 0.0,
-              "correct": torch.zeros((), **count), "nonfinite": torch.zeros((), **count),
-              "arch_nonfinite": torch.zeros((), **count)}
+    s.sums = epoch_sums(s.device, counts=("arch_nonfinite",))  # as Search.train_epoch starts them
     sync = torch.cuda.synchronize if s.device.type == "cuda" else (lambda: None)
     batches = iter(s.loader_w)
     step_s = []

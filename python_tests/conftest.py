@@ -311,6 +311,25 @@ def saved_storages(fn):
     return out, seen
 
 
+def assert_fused_matches_reference(fused, reference, weight_of) -> None:
+    """Two float64 supernets built alike (the fused and the reference path) give the same
+    architecture gradients and the same gradient for ``weight_of(model)``, under GAEA weights
+    off uniform (so the weights matter), on a 3x3x16x16 batch."""
+    from gaea_ext.search.methods import GAEA
+
+    method = GAEA(fused.arch_spec()).double()
+    for p in method.params():
+        p.data = torch.softmax(torch.randn_like(p), -1)
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    grads = []
+    for model in (fused, reference):
+        method.zero_grad()
+        model(x, method.weights()).square().sum().backward()
+        grads.append([p.grad.clone() for p in method.params()] + [weight_of(model).grad.clone()])
+    for ga, gb in zip(*grads):
+        torch.testing.assert_close(ga, gb, rtol=1e-9, atol=1e-10)
+
+
 def run_result(out: str) -> dict:
     """RUN_DIR/result.json of a finished `gaea search` or `gaea train`."""
     with open(os.path.join(out, "result.json")) as f:

@@ -14,7 +14,7 @@ from gaea_ext.cli import main
 from gaea_ext.search.methods import DARTS, GAEA, GDAS, RandomArch
 from gaea_ext.spaces import DartsNetwork, genotypes
 from gaea_ext.spaces.darts_ops import PRIMITIVES
-from conftest import run_log, run_result
+from conftest import assert_fused_matches_reference, run_log, run_result
 
 TINY = ["--epochs", "2", "--channels", "4", "--cells", "3", "--batch-size", "32", "--train-images", "256",
         "--seed", "1"]
@@ -84,17 +84,7 @@ def test_fused_matches_reference_forward_backward(space_kw):
     a = net(fused=True, **space_kw).double()
     torch.manual_seed(0)
     b = net(fused=False, **space_kw).double()
-    method = GAEA(a.arch_spec()).double()
-    for p in method.params():  # off uniform, so the weights matter
-        p.data = torch.softmax(torch.randn_like(p), -1)
-    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
-    grads = []
-    for model in (a, b):
-        method.zero_grad()
-        model(x, method.weights()).square().sum().backward()
-        grads.append([p.grad.clone() for p in method.params()] + [next(model.parameters()).grad.clone()])
-    for ga, gb in zip(*grads):
-        torch.testing.assert_close(ga, gb, rtol=1e-9, atol=1e-10)
+    assert_fused_matches_reference(a, b, lambda model: next(model.parameters()))
 
 
 def test_derivation_on_hand_made_weights():

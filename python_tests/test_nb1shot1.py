@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_log, run_result
+from conftest import assert_fused_matches_reference, run_log, run_result
 from gaea_ext.benchmarks import tfrecord
 from gaea_ext.benchmarks.nb101 import spec_hash
 from gaea_ext.cli import main
@@ -49,17 +49,7 @@ def test_partial_channels_and_fused_matches_reference():
     conv = [m for m in a.cells[0].blocks[0].mixed.modules() if isinstance(m, torch.nn.Conv2d)][0]
     assert conv.in_channels == 8 // 4  # 1/K of the block's channels through the mixed op
     assert a.cells[0].blocks[0].mixed.pf_slots, "the bare 3x3 max-pool should run inside the fused op"
-    method = GAEA(a.arch_spec()).double()
-    for p in method.params():
-        p.data = torch.softmax(torch.randn_like(p), -1)
-    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
-    grads = []
-    for model in (a, b):
-        method.zero_grad()
-        model(x, method.weights()).square().sum().backward()
-        grads.append([p.grad.clone() for p in method.params()] + [model.stem[0].weight.grad.clone()])
-    for ga, gb in zip(*grads):
-        torch.testing.assert_close(ga, gb, rtol=1e-9, atol=1e-10)
+    assert_fused_matches_reference(a, b, lambda model: model.stem[0].weight)
 
 
 def rows(*values):

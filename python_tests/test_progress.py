@@ -104,22 +104,19 @@ def test_cuda_search_and_train_steps_do_not_sync():
     (lazy initialisation) is left out."""
     from gaea_ext.train.config import resolve as train_resolve
     from gaea_ext.train.loop import Trainer
-    from gaea_ext.search.loop import add_step
+    from gaea_ext.search.loop import add_step, epoch_sums
 
     s = Search(resolve(None, dict(epochs=1, channels=4, cells=1, batch_size=16, seed=3, train_images=128,
                                   device="cuda")), None, echo=lambda *a: None)
     s.model.train()
     s.method.train()
-    s.sums = {k: torch.zeros((), dtype=torch.long if k != "loss_sum" else torch.float32, device="cuda")
-              for k in ("loss_sum", "seen", "correct", "nonfinite", "arch_nonfinite")}
+    s.sums = epoch_sums(torch.device("cuda"), counts=("arch_nonfinite",))
     batches = [[t.cuda() for t in (*b, *s.next_arch_batch())] for b, _ in zip(s.loader_w, range(3))]
     t = Trainer(train_resolve(None, dict(genotype="DARTS_V2", epochs=1, layers=2, channels=4, batch_size=16,
                                          train_images=64, device="cuda")), None, echo=lambda *a: None)
     t.model.train()
     tb = [[u.cuda() for u in b] for b, _ in zip(t.train_loader, range(3))]
-    tsums = {"loss_sum": torch.zeros((), device="cuda"), "seen": torch.zeros((), dtype=torch.long, device="cuda"),
-             "correct": torch.zeros(2, dtype=torch.long, device="cuda"),
-             "nonfinite": torch.zeros((), dtype=torch.long, device="cuda")}
+    tsums = epoch_sums(torch.device("cuda"), correct_shape=(2,))
     for i, (x, y, xa, ya) in enumerate(batches):
         x2, y2 = tb[i]
         if i == 1:

@@ -172,6 +172,15 @@ class Guard:
             raise Preempted(signum, f"after epoch {epochs_done}")
 
     # -- non-finite steps -----------------------------------------------------------------
+    def weight_step(self, opt: torch.optim.Optimizer, prec, norm: torch.Tensor, loss: torch.Tensor,
+                    world: int) -> torch.Tensor:
+        """Step ``opt`` (a ``weight_optimizer``) unless the loss or the clipped gradient's
+        ``norm`` is non-finite, and count the verdict; all on the device. Returns ``ok``."""
+        ok = step_ok(norm, loss, world)
+        self.record(ok)
+        skip_if_not(ok, opt, prec)
+        return ok
+
     def record(self, ok: torch.Tensor) -> None:
         """Count a weight step's verdict (0-d bool tensor: applied or skipped) on the device."""
         self.streak.add_(1).mul_(ok.logical_not())
@@ -253,15 +262,21 @@ def weight_optimizer(params, lr: float, momentum: float, weight_decay: float) ->
     return opt
 
 
+def step_unless(opt: torch.optim.Optimizer, bad: torch.Tensor) -> None:
+    """``opt.step()`` unless ``bad`` (0-d bool, on the device): a fused torch optimizer (SGD,
+    Adam) reads it as ``found_inf`` and leaves parameters and state as they were."""
+    opt.found_inf = bad.float()
+    try:
+        opt.step()
+    finally:
+        del opt.found_inf
+
+
 def skip_if_not(ok: torch.Tensor, opt: torch.optim.Optimizer, prec) -> None:
     """Step ``opt`` (a ``weight_optimizer``) through ``prec``, leaving parameters and momentum
     untouched when ``ok`` is False; decided on the device. Under fp16 the GradScaler already
     hands the fused step its own found_inf (non-finite gradients), which is what fails ``ok``."""
     if prec.scaler:
         prec.step(opt)
-        return
-    opt.found_inf = ok.logical_not().float()
-    try:
-        opt.step()
-    finally:
-        del opt.found_inf
+    else:
+        step_unless(opt, ok.logical_not())

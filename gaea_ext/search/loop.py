@@ -195,11 +195,12 @@ class Search:
         """The mixing weights every forward uses, pruned when --prune-below is set."""
         return prune(self.method.weights(), self.method.spec, self.cfg.prune_below)
 
-    def arch_step(self, x, y) -> None:
+    def arch_step(self, x, y) -> torch.Tensor:
+        """One architecture step on (x, y); returns its loss (detached, without regularizer)."""
         params = self.method.params()
         with self.prec.autocast():
             loss = F.cross_entropy(self.forward(self.prec.layout(x), self.weights()), y)
-        self.arch_loss = loss.detach()
+        arch_loss = loss.detach()
         reg = self.method.regularizer()
         if reg is not None:
             loss = loss + reg
@@ -210,43 +211,38 @@ class Search:
         if self.cfg.arch_grad_clip:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.arch_grad_clip)
         self.arch_update(params)
+        return arch_loss
 
     def arch_update(self, params, ok: Optional[torch.Tensor] = None) -> None:
-        """The architecture optimizer's step. EG leaves rows with a non-finite gradient unchanged
-        and reports how many; other optimizers (Adam) skip a non-finite step whole. Either way
-        the count goes to the epoch's log record (not under --cuda-graphs: no host reads there).
-        ``ok`` False (a skipped weight step on the same batch) skips it too: EG gets a NaN
-        gradient, which it leaves alone on the device and counts; fused Adam gets found_inf.
-        Both decide on the device; only an unfused optimizer is checked on the host."""
+        """The architecture optimizer's step, skipping non-finite gradients: EG leaves such rows
+        unchanged and counts them; fused Adam skips the step whole (found_inf). Both decide on
+        the device. ``ok`` False (a skipped weight step on the same batch) skips it too. The
+        count goes to the epoch's log record (not under --cuda-graphs: no host reads there)."""
         opt = self.method.optimizer
         counting = self.sums is not None and not self.cfg.cuda_graphs
-        if (not hasattr(opt, "nonfinite_rows") and not self.cfg.cuda_graphs
-                and all(g.get("fused") for g in opt.param_groups)):
-            bad = torch.stack([torch.isfinite(p.grad).all() for p in params if p.grad is not None]).logical_not().any()
+        if hasattr(opt, "nonfinite_rows"):  # EG: a NaN gradient leaves every row as it is
             if ok is not None:
-                bad = bad | ok.logical_not()
-            opt.found_inf = bad.float()
-            try:
-                opt.step()
-            finally:
-                del opt.found_inf
+                for p in params:
+                    if p.grad is not None:
+                        p.grad = torch.where(ok, p.grad, float("nan"))
+            opt.step()
+            if counting and opt.nonfinite_rows is not None:  # (None: no gradient at all)
+                self.sums["arch_nonfinite"] += opt.nonfinite_rows.to(torch.long)
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        if not self.cfg.cuda_graphs and all(g.get("fused") for g in opt.param_groups):
+            bad = torch.stack([torch.isfinite(g).all() for g in grads]).logical_not().any()
+            faults.step_unless(opt, bad if ok is None else bad | ok.logical_not())
             if counting:
                 self.sums["arch_nonfinite"] += bad
             return
-        if ok is not None and hasattr(opt, "nonfinite_rows"):
-            for p in params:
-                if p.grad is not None:
-                    p.grad = torch.where(ok, p.grad, float("nan"))
-        elif ok is not None and not bool(ok):
+        # Unfused (the captured step under --cuda-graphs; an optimizer of another kind): host checks.
+        if ok is not None and not bool(ok):
             return
-        if counting and not hasattr(opt, "nonfinite_rows"):
-            if not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
-                self.sums["arch_nonfinite"] += 1
-                return
+        if counting and not all(bool(torch.isfinite(g).all()) for g in grads):
+            self.sums["arch_nonfinite"] += 1
+            return
         opt.step()
-        bad = getattr(opt, "nonfinite_rows", None)
-        if counting and bad is not None:
-            self.sums["arch_nonfinite"] = self.sums["arch_nonfinite"] + bad.to(torch.long)
 
     def weight_step(self, x, y, arch_too: bool = False):
         # The weight optimizer's own list: model.parameters() walks every module each step.
@@ -275,9 +271,7 @@ class Search:
         # A non-finite loss or gradient skips the step, decided on the device (the gradients
         # were averaged, so every rank sees a non-finite one and skips alike); the guard counts
         # the streak there and stops a long one between steps.
-        self.ok = faults.step_ok(norm, loss, self.world)
-        self.guard.record(self.ok)
-        faults.skip_if_not(self.ok, self.w_opt, self.prec)
+        self.ok = self.guard.weight_step(self.w_opt, self.prec, norm, loss, self.world)
         if arch_too:
             self.arch_update(arch_params, self.ok)
         return loss.detach().float(), right
@@ -288,11 +282,10 @@ class Search:
         --cuda-graphs."""
         if not self.cfg.cuda_graphs:
             self.buffers.take()
-            if xa is not None:
-                self.arch_step(xa, ya)
+            arch_loss = self.arch_step(xa, ya) if xa is not None else None
             out = self.weight_step(x, y, arch_too=same)
             # A skipped step leaves the BN statistics as they were, whichever forward broke them.
-            self.buffers.keep_if(self.ok if xa is None else self.ok & torch.isfinite(self.arch_loss))
+            self.buffers.keep_if(self.ok if arch_loss is None else self.ok & torch.isfinite(arch_loss))
             return out
         key = (xa is not None, same)
         if key not in self.graphed:
@@ -313,10 +306,7 @@ class Search:
         self.method.train()
         self.method.set_epoch(self.epoch, self.cfg.epochs)
         if self.sums is None:  # a fresh epoch (else: resumed inside it from a checkpoint)
-            count = dict(device=self.device, dtype=torch.long)
-            self.sums = {"loss_sum": torch.zeros((), device=self.device), "seen": torch.zeros((), **count),
-                         "seconds": 0.0, "correct": torch.zeros((), **count), "nonfinite": torch.zeros((), **count),
-                         "arch_nonfinite": torch.zeros((), **count)}
+            self.sums = epoch_sums(self.device, counts=("arch_nonfinite",))
         sums, n = self.sums, len(self.loader_w)
         bar = Progress(n, f"epoch {self.epoch + 1}/{self.cfg.epochs}", self.main)
         start = time.perf_counter() - sums["seconds"]
@@ -453,6 +443,17 @@ def nb101_scores(table: NB101Table, module_hash: str, best_test_error: float) ->
         return {"hash": module_hash, "valid_acc": None, "test_acc": None, "test_regret": None}
     return {"hash": module_hash, "valid_acc": 100.0 * found["valid_acc"], "test_acc": 100.0 * found["test_acc"],
             "test_regret": 100.0 * ((1.0 - found["test_acc"]) - best_test_error), "repeats": found["repeats"]}
+
+
+def epoch_sums(device, correct_shape=(), counts=()) -> Dict[str, Any]:
+    """An epoch's running sums on the device, which ``add_step`` adds to: the loss, images
+    seen, correct predictions (``correct_shape``: top-1 alone, or top-1 and top-5), skipped
+    steps, and further ``counts``; ``seconds`` is the host's."""
+    count = dict(device=device, dtype=torch.long)
+    sums = {"loss_sum": torch.zeros((), device=device), "seen": torch.zeros((), **count), "seconds": 0.0,
+            "correct": torch.zeros(correct_shape, **count), "nonfinite": torch.zeros((), **count)}
+    sums.update({k: torch.zeros((), **count) for k in counts})
+    return sums
 
 
 def running_loss(sums: Dict[str, Any]) -> float:

@@ -25,7 +25,8 @@ from gaea_ext import data as gdata
 from gaea_ext.data.seeding import generator
 from gaea_ext.precision import Precision
 from gaea_ext.search import dist, faults, rundir
-from gaea_ext.search.loop import add_step, peak_mem_mb, running_loss, pick_device, rng_state, set_rng_state
+from gaea_ext.search.loop import (add_step, epoch_sums, peak_mem_mb, pick_device, rng_state, running_loss,
+                                  set_rng_state)
 from gaea_ext.search.progress import Progress
 from gaea_ext.spaces import genotypes
 from gaea_ext.train.config import TrainConfig, TrainError, check, drop_path_at, lr_at
@@ -168,10 +169,8 @@ class Trainer:
         else:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in self.params
                                                          if p.grad is not None]))
-        # A non-finite loss or gradient skips the step on the device (see faults.skip_if_not).
-        ok = faults.step_ok(norm, loss, self.world)
-        self.guard.record(ok)
-        faults.skip_if_not(ok, self.opt, self.prec)
+        # A non-finite loss or gradient skips the step on the device (faults.Guard.weight_step).
+        ok = self.guard.weight_step(self.opt, self.prec, norm, loss, self.world)
         self.buffers.keep_if(ok)
         return ok, loss.detach(), topk_correct(logits.detach(), y)
 
@@ -181,9 +180,7 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.cfg, self.epoch)
         if self.sums is None:  # a fresh epoch (else: resumed inside it from a checkpoint)
-            count = dict(device=self.device, dtype=torch.long)
-            self.sums = {"loss_sum": torch.zeros((), device=self.device), "seen": torch.zeros((), **count),
-                         "seconds": 0.0, "correct": torch.zeros(2, **count), "nonfinite": torch.zeros((), **count)}
+            self.sums = epoch_sums(self.device, correct_shape=(2,))  # top-1, top-5
         sums, steps = self.sums, len(self.train_loader)
         bar = Progress(steps, f"epoch {self.epoch + 1}/{self.cfg.epochs}", self.main)
         start = time.perf_counter() - sums["seconds"]
