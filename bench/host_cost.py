@@ -6,7 +6,7 @@ This measures, for the NB201 and DARTS spaces, on the real search step (bench/se
 `search_path`: Search.step, i.e. arch_step then weight_step):
 
 1. Ops dispatched to a backend per step, counted with a TorchDispatchMode around one steady-state
-   step (after one warm-up step, so SGD's momentum buffers exist). The count does not depend on
+   step (after one warm-up step, so lazily made state, e.g. Adam's, exists). The count does not depend on
    tensor sizes, only on the network's structure, so it runs at the papers' cell counts with
    tiny tensors. Rule:
    - counted: every op that reaches the mode, i.e. below autograd, after CompositeImplicit ops
@@ -249,7 +249,7 @@ def tiny_step(case: Case, fused: bool, args):
 def count(case: Case, fused: bool, args, where: bool = False) -> OpCounter:
     torch.manual_seed(1000)
     _, run = tiny_step(case, fused, args)
-    run()  # warm-up: SGD creates its momentum buffers on the first step
+    run()  # warm-up: optimizers make their state lazily on the first step
     torch.manual_seed(1001)
     with OpCounter(where) as c:
         run()
